@@ -106,6 +106,16 @@ def test_filters_count_each_reason():
     assert dict(stats.dropped) == {"target_too_long": 1, "sequence_too_long": 1}
 
 
+def test_sort_buffer_orders_by_llm_sequence_then_frames():
+    # A short clip with a long target (word timestamps) costs the LLM more than a longer clip with a short one.
+    short_long_target = with_ids(item("words", 1.0), 5, 60)
+    longer_clip = with_ids(item("asr", 2.0), 5, 10)
+    same_seq_fewer_frames = with_ids(item("tie", 1.9), 5, 10 + llm_positions(2.0) - llm_positions(1.9))
+    assert same_seq_fewer_frames.sequence_length == longer_clip.sequence_length
+    ordered = [i.sample.key for i in P.sort_buffer([short_long_target, longer_clip, same_seq_fewer_frames], 3)]
+    assert ordered == ["tie", "asr", "words"]
+
+
 def test_noise_is_added_at_the_drawn_snr(tmp_path):
     (tmp_path / "noise").mkdir()
     noise = np.random.default_rng(0).standard_normal(4000).astype(np.float32) * 0.1

@@ -32,5 +32,7 @@ def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
     assert (target / "a.txt").read_text() == "first"
     with fileio.atomic_dir(target) as tmp:
         (tmp / "b.txt").write_text("second")
+        (tmp / "b.txt").chmod(0o600)  # as safetensors writes its files
     assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced whole, not merged
+    assert oct(target.stat().st_mode & 0o777) == "0o755" and oct((target / "b.txt").stat().st_mode & 0o777) == "0o644"
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no temp or old folder left

@@ -313,18 +313,25 @@ def spec_augment(items: Iterable[Item], rng: random.Random, freq_masks: int, fre
 
 
 def sort_buffer(items: Iterable[Item], size: int) -> Iterator[Item]:
-    """Sort each run of `size` items by length, so that batches hold similar lengths (less padding)."""
+    """Sort each run of `size` items by length, so that batches hold similar lengths (less padding).
+
+    The key is the LLM sequence length first (the LLM is most of the compute, and a long target, e.g. word
+    timestamps, pads a whole batch of short ones), then the mel frames."""
     if size <= 1:
         yield from items
         return
+
+    def key(x: Item) -> tuple[int, int]:
+        return (x.sequence_length, x.frames)
+
     buf: list[Item] = []
     for item in items:
         buf.append(item)
         if len(buf) >= size:
-            buf.sort(key=lambda x: x.frames)
+            buf.sort(key=key)
             yield from buf
             buf = []
-    buf.sort(key=lambda x: x.frames)
+    buf.sort(key=key)
     yield from buf
 
 

@@ -300,10 +300,21 @@ class Trainer:
         self.scheduler.step()
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
+    def _has_valid(self) -> bool:
+        """Validation sets listed in `data.valid` or in the `data.mixture` file."""
+        data = self.cfg.data
+        if getattr(data, "valid", None):
+            return True
+        if getattr(data, "mixture", None):
+            from osum.data import mixture
+
+            return bool(mixture.datasets(data, "valid"))
+        return False
+
     @torch.no_grad()
     def validate(self) -> float | None:
         """Token-weighted mean loss over the validation sets (None when there are none)."""
-        if not getattr(self.cfg.data, "valid", None):
+        if not self._has_valid():
             return None
         self.engine.eval()
         loss_sum = tokens = 0.0
