@@ -38,3 +38,12 @@ def test_preset_override_swaps_the_base_model():
     cfg = load_train_config(RECIPE / "stage3.yaml", ["model.preset=tiny", "model.lora.r=2"])
     assert cfg.model.name == "tiny" and cfg.model.encoder.name is None and cfg.model.lora.r == 2
     assert cfg.model.lora.enabled and cfg.model.encoder.trainable  # the stage's own settings still apply
+
+
+def test_osum_tiny_stages_keep_the_encoder_frozen():
+    tiny = RECIPE.parent / "osum-tiny"
+    stages = [load_train_config(tiny / f"stage{i}.yaml") for i in (1, 2, 3)]
+    # the release then stores only adaptor + LoRA + speech embeddings (< 60 MB); bf16 autocast on CPU and GPU
+    assert [(s.model.encoder.trainable, s.model.lora.enabled) for s in stages] == [(False, False), (False, True),
+                                                                                      (False, True)]
+    assert all(s.precision == "bf16" for s in stages)
