@@ -103,6 +103,11 @@ def test_overfit_generates_exact_targets(tmp_path):
     expected = [tasks.format_target(SPEC, tasks.Result(transcript=t, gender=g)) for t, g in TARGETS]
     assert texts == expected, (records[-1], texts)
     assert [tasks.parse(t, SPEC).gender for t in texts] == [g for _, g in TARGETS]
+    # validation also scores each target with another utterance's audio: a model that listens does worse there
+    trainer.cfg.data = NoData(valid=["fake"])
+    trainer.validate()
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["valid_loss_other_audio"] > last["valid_loss"] + 1.0, last
 
 
 def test_lr_schedules():

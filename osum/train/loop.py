@@ -317,15 +317,28 @@ class Trainer:
         if not self._has_valid():
             return None
         self.engine.eval()
-        loss_sum = tokens = 0.0
+        loss_sum = tokens = other_sum = other_tokens = 0.0
         for batch in self._loader("valid", 0):
-            loss_sum += self._forward(batch).item() * batch["num_target_tokens"]
-            tokens += batch["num_target_tokens"]
-        loss_sum, tokens = distributed.all_reduce_sum([loss_sum, tokens], self.info)
+            n = batch["num_target_tokens"]
+            loss_sum += self._forward(batch).item() * n
+            tokens += n
+            # Each target again with the next item's audio: the gap to valid_loss is how much the model uses
+            # the audio (a speech LLM can lower its loss a long way on the text prior alone). Every rank runs
+            # this forward, so sharded engines stay in step; batches of one count for nothing.
+            other = self._forward({**batch, "features": batch["features"].roll(1, 0),
+                                   "feature_lens": batch["feature_lens"].roll(1, 0)}).item()
+            if len(batch["feature_lens"]) > 1:
+                other_sum += other * n
+                other_tokens += n
+        loss_sum, tokens, other_sum, other_tokens = distributed.all_reduce_sum(
+            [loss_sum, tokens, other_sum, other_tokens], self.info)
         self.engine.train()
         value = loss_sum / max(tokens, 1)
         if self.info.is_main:
-            self._log({"step": self.step, "valid_loss": value, "valid_tokens": tokens})
+            record = {"step": self.step, "valid_loss": value, "valid_tokens": tokens}
+            if other_tokens:
+                record["valid_loss_other_audio"] = other_sum / other_tokens
+            self._log(record)
         return value
 
     def save_checkpoint(self) -> Path | None:
