@@ -273,6 +273,9 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     init_from: str | None = None  # an osum model directory (e.g. the previous stage's export) to start from
+    # Weight of the adaptor's CTC loss against the transcript (SpeechLLM.ctc_loss), added to the LLM's loss;
+    # 0 = off (the paper). It aligns the adaptor with a frozen LLM in far fewer steps.
+    ctc_weight: float = 0.0
     out_dir: str = "exp/run"
     max_steps: int = 1000
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on CUDA, with loss scaling)
@@ -285,6 +288,10 @@ class TrainConfig:
     keep_last: int = 3
     tensorboard: bool = True
     seed: int = 0
+
+    def __post_init__(self):
+        if self.ctc_weight < 0:
+            raise ValueError(f"ctc_weight must be >= 0, got {self.ctc_weight}")
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

@@ -281,3 +281,4 @@ def test_write_jsonl_round_trips_through_the_loader(tmp_path):
     (batch,) = P.build_loader(data_config(valid=[DatasetConfig("one", str(path)).__dict__]), "valid",
                               prompt_builder(), 80, 0)
     assert batch["keys"] == ["solo"] and prompt_builder().tokenizer.decode(batch["target_ids"][0][:-1]) == "echo"
+    assert prompt_builder().tokenizer.decode(batch["transcript_ids"][0]) == "echo"  # for the CTC loss

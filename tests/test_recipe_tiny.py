@@ -31,6 +31,9 @@ def test_recipe_training_eval_export_stages(tmp_path):
         assert (exp / f"stage{stage}" / "final" / "config.json").is_file()
         # the valid sets come from the mixture file, not data.valid: they are validated on all the same
         assert '"valid_loss"' in (exp / f"stage{stage}" / "metrics.jsonl").read_text()
+    # stage 1 aligns the adaptor with the help of its CTC loss on the transcripts the real pipeline carries
+    stage1 = [json.loads(line) for line in (exp / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["ctc_loss"] > 0 for r in stage1 if "loss" in r) and any("valid_ctc_loss" in r for r in stage1)
     stage3 = json.loads((exp / "stage3" / "final" / "config.json").read_text())
     # LoRA joins in stage 2; the whisper encoder stays frozen so the release holds only what was trained.
     assert stage3["model"]["lora"]["enabled"] and not stage3["model"]["encoder"]["trainable"]

@@ -45,6 +45,7 @@ def fake_loader(batch_size: int = 4):
                 "feature_lens": torch.tensor([feats[i].shape[0] for i in idx]),
                 "prompt_ids": [prompts.prompt_ids(PROMPT) for _ in idx],
                 "target_ids": target_ids,
+                "transcript_ids": [prompts.encode(TARGETS[i][0]) for i in idx],
                 "tasks": [str(SPEC)] * len(idx),
                 "audio_seconds": sum(feats[i].shape[0] for i in idx) / 100,
                 "num_target_tokens": sum(len(t) for t in target_ids),
@@ -108,6 +109,26 @@ def test_overfit_generates_exact_targets(tmp_path):
     trainer.validate()
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["valid_loss_other_audio"] > last["valid_loss"] + 1.0, last
+
+
+def test_ctc_weight_adds_the_adaptor_ctc_loss(tmp_path):
+    """With ctc_weight the adaptor's CTC loss is logged and learned; the logged loss stays the LLM's alone."""
+    cfg = train_config(tmp_path, max_steps=40, save_every=0, ctc_weight=1.0)
+    cfg.optim.lr = 5e-3
+    trainer = Trainer(cfg, fake_loader(batch_size=8))
+    records = trainer.train()
+    ctc = [r["ctc_loss"] for r in records]
+    assert ctc[-1] < 0.5 * ctc[0], ctc
+    batch = next(iter(fake_loader(batch_size=8)(None, "valid", trainer.model.prompts, 80, 0, 0, 1)))
+    with torch.no_grad():
+        out = trainer.model.eval()(batch["features"], batch["feature_lens"], batch["prompt_ids"], batch["target_ids"])
+    assert out.ctc_loss is None  # only asked for with transcripts
+    trainer.cfg.data = NoData(valid=["fake"])
+    trainer.validate()
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0 < last["valid_ctc_loss"] < ctc[0], last
+    with pytest.raises(ValueError, match="ctc_weight"):
+        train_config(tmp_path, ctc_weight=-1.0)
 
 
 def test_lr_schedules():

@@ -69,6 +69,7 @@ class Item:
     target: str | None = None
     prompt_ids: PromptIds | None = None
     target_ids: list[int] | None = None  # target tokens + end token
+    transcript_ids: list[int] | None = None  # tokens of what is said (empty when unknown), for the CTC loss
 
     @property
     def seconds(self) -> float:
@@ -228,6 +229,7 @@ def add_targets(items: Iterable[Item], rng: random.Random, prompts: PromptBuilde
         item.spec, item.prompt, item.target = str(target.spec), target.prompt, target.text
         item.prompt_ids = prompts.prompt_ids(target.prompt)
         item.target_ids = prompts.target_ids(target.text)
+        item.transcript_ids = prompts.encode(item.sample.text) if item.sample.text else []
         yield item
 
 
@@ -364,6 +366,7 @@ def collate(batch: list[Item]) -> dict[str, Any]:
         "feature_lens": torch.tensor([f.shape[0] for f in feats], dtype=torch.long),  # (B,)
         "prompt_ids": [item.prompt_ids for item in batch],
         "target_ids": [item.target_ids for item in batch],
+        "transcript_ids": [item.transcript_ids for item in batch],
         "tasks": [item.spec for item in batch],
         "audio_seconds": float(sum(item.seconds for item in batch)),
         "num_target_tokens": int(sum(len(item.target_ids) for item in batch)),

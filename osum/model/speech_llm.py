@@ -41,6 +41,7 @@ class Batch:
 class ForwardOutput:
     loss: torch.Tensor  # mean over supervised tokens
     num_tokens: int
+    ctc_loss: torch.Tensor | None = None  # per transcript token, when transcripts were given
 
 
 class SpeechLLM(nn.Module):
@@ -144,10 +145,13 @@ class SpeechLLM(nn.Module):
         feature_lens: torch.Tensor,
         prompts: list[str] | list[PromptIds],
         targets: list[str] | list[list[int]],
+        transcripts: list[list[int]] | None = None,
     ) -> ForwardOutput:
-        """Mean cross-entropy over target tokens (and their end token) only."""
+        """Mean cross-entropy over target tokens (and their end token) only; with `transcripts` (token ids of
+        what each item says) also the adaptor's CTC loss against them (see `ctc_loss`)."""
         target_ids = [self.prompts.target_ids(t) if isinstance(t, str) else list(t) for t in targets]
         adaptor_out, adaptor_lens = self.embed_audio(features, feature_lens)
+        ctc = None if transcripts is None else self.ctc_loss(adaptor_out, adaptor_lens, transcripts)
         batch = self.assemble(adaptor_out, adaptor_lens, self._as_prompt_ids(prompts), target_ids)
         base = self.base_llm
         hidden = base.get_decoder()(
@@ -161,7 +165,39 @@ class SpeechLLM(nn.Module):
         keep = shift_labels != IGNORE_INDEX
         logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()  # (N, V)
         loss = F.cross_entropy(logits, shift_labels[keep])
-        return ForwardOutput(loss=loss, num_tokens=int(keep.sum()))
+        return ForwardOutput(loss=loss, num_tokens=int(keep.sum()), ctc_loss=ctc)
+
+    @property
+    def ctc_blank_id(self) -> int:
+        """The token whose embedding scores CTC's blank: a special token no transcript contains."""
+        t = self.tokenizer
+        for token_id in (t.unk_token_id, t.pad_token_id, t.eos_token_id):
+            if token_id is not None:
+                return token_id
+        raise ValueError("the tokenizer has no unk, pad or eos token to stand for CTC's blank")
+
+    def ctc_loss(self, adaptor_out: torch.Tensor, adaptor_lens: torch.Tensor,
+                 transcripts: list[list[int]]) -> torch.Tensor:
+        """CTC of each item's adaptor output against its transcript, scored through the LLM's own input embeddings.
+
+        A frozen LLM reads the adaptor's output as if it were token embeddings; this loss asks each speech
+        position to lie closest to the embedding of the token spoken there (or of the blank token), a direct,
+        per-position signal that aligns the adaptor far sooner than the LLM's loss alone. Items with no
+        transcript, or one longer than CTC can fit into their positions, are left out; the sum is divided by
+        the transcript tokens scored.
+        """
+        embed = self.base_llm.get_input_embeddings().weight  # (V, H)
+        lens = adaptor_lens.tolist()
+        keep = [i for i, t in enumerate(transcripts) if t and len(t) + _repeats(t) <= lens[i]]
+        if not keep:
+            return adaptor_out.sum() * 0.0  # keeps the graph connected for DDP
+        logits = adaptor_out[keep].to(embed.dtype) @ embed.T  # (B', S, V)
+        log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (S, B', V)
+        targets = torch.tensor([tok for i in keep for tok in transcripts[i]], dtype=torch.long, device=self.device)
+        target_lens = torch.tensor([len(transcripts[i]) for i in keep], dtype=torch.long)
+        total = F.ctc_loss(log_probs, targets, torch.tensor([lens[i] for i in keep]), target_lens,
+                           blank=self.ctc_blank_id, reduction="sum", zero_infinity=True)
+        return total / target_lens.sum()
 
     # ---- inference ----------------------------------------------------------------------------
 
@@ -245,3 +281,8 @@ class SpeechLLM(nn.Module):
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+
+def _repeats(tokens: list[int]) -> int:
+    """Adjacent equal tokens: CTC needs a blank between them, so one extra position each."""
+    return sum(a == b for a, b in zip(tokens, tokens[1:]))

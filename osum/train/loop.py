@@ -22,7 +22,7 @@ import torch
 
 from osum.config import OptimConfig, TrainConfig, save
 from osum.model import checkpoint
-from osum.model.speech_llm import SpeechLLM
+from osum.model.speech_llm import ForwardOutput, SpeechLLM
 from osum.train import distributed, state
 
 log = logging.getLogger(__name__)
@@ -223,12 +223,11 @@ class Trainer:
         dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
         return torch.autocast(self.info.device.type, dtype=dtype)
 
-    def _forward(self, batch: dict) -> torch.Tensor:
+    def _forward(self, batch: dict, ctc: bool = False) -> ForwardOutput:
         dev = self.info.device
         with self._autocast():
-            out = self.engine(batch["features"].to(dev), batch["feature_lens"].to(dev), batch["prompt_ids"],
-                              batch["target_ids"])
-        return out.loss
+            return self.engine(batch["features"].to(dev), batch["feature_lens"].to(dev), batch["prompt_ids"],
+                               batch["target_ids"], transcripts=batch["transcript_ids"] if ctc else None)
 
     def train(self, until: int | None = None) -> list[dict]:
         """Run to cfg.max_steps (or stop early after step `until`, with a checkpoint there); return step records."""
@@ -245,27 +244,33 @@ class Trainer:
         self.engine.train()
         while self.step < stop:
             t0 = time.perf_counter()
-            loss_sum = tokens = audio = 0.0
+            loss_sum = tokens = audio = ctc_sum = 0.0
             for _ in range(cfg.optim.accum_steps):
                 batch = next(batches)
-                loss = self._forward(batch)
+                out = self._forward(batch, ctc=cfg.ctc_weight > 0)
+                loss = out.loss
+                if out.ctc_loss is not None:
+                    loss = loss + cfg.ctc_weight * out.ctc_loss
+                    ctc_sum += out.ctc_loss.item() / cfg.optim.accum_steps
                 if info.engine == "deepspeed":
                     self.engine.backward(loss)
                     self.engine.step()
                 else:
                     scaled = loss / cfg.optim.accum_steps
                     (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-                loss_sum += loss.item() * batch["num_target_tokens"]
+                loss_sum += out.loss.item() * batch["num_target_tokens"]
                 tokens += batch["num_target_tokens"]
                 audio += batch["audio_seconds"]
             lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
             grad_norm = self._optimizer_step()
             self.step += 1
-            loss_sum, tokens, audio = distributed.all_reduce_sum([loss_sum, tokens, audio], info)
+            loss_sum, tokens, audio, ctc_sum = distributed.all_reduce_sum([loss_sum, tokens, audio, ctc_sum], info)
             dt = time.perf_counter() - t0
             record = {"step": self.step, "epoch": self.epoch, "loss": loss_sum / max(tokens, 1),
                       "lr": lr, "grad_norm": grad_norm,
                       "audio_s_per_s": audio / dt, "tokens_per_s": tokens / dt}
+            if cfg.ctc_weight > 0:
+                record["ctc_loss"] = ctc_sum / info.world_size
             records.append(record)
             if info.is_main and (self.step % cfg.log_every == 0 or self.step == stop):
                 self._log(record)
@@ -317,27 +322,33 @@ class Trainer:
         if not self._has_valid():
             return None
         self.engine.eval()
-        loss_sum = tokens = other_sum = other_tokens = 0.0
+        loss_sum = tokens = other_sum = other_tokens = ctc_sum = batches = 0.0
         for batch in self._loader("valid", 0):
             n = batch["num_target_tokens"]
-            loss_sum += self._forward(batch).item() * n
+            out = self._forward(batch, ctc=self.cfg.ctc_weight > 0)
+            loss_sum += out.loss.item() * n
             tokens += n
+            if out.ctc_loss is not None:
+                ctc_sum += out.ctc_loss.item()
+                batches += 1
             # Each target again with the next item's audio: the gap to valid_loss is how much the model uses
             # the audio (a speech LLM can lower its loss a long way on the text prior alone). Every rank runs
             # this forward, so sharded engines stay in step; batches of one count for nothing.
             other = self._forward({**batch, "features": batch["features"].roll(1, 0),
-                                   "feature_lens": batch["feature_lens"].roll(1, 0)}).item()
+                                   "feature_lens": batch["feature_lens"].roll(1, 0)}).loss.item()
             if len(batch["feature_lens"]) > 1:
                 other_sum += other * n
                 other_tokens += n
-        loss_sum, tokens, other_sum, other_tokens = distributed.all_reduce_sum(
-            [loss_sum, tokens, other_sum, other_tokens], self.info)
+        loss_sum, tokens, other_sum, other_tokens, ctc_sum, batches = distributed.all_reduce_sum(
+            [loss_sum, tokens, other_sum, other_tokens, ctc_sum, batches], self.info)
         self.engine.train()
         value = loss_sum / max(tokens, 1)
         if self.info.is_main:
             record = {"step": self.step, "valid_loss": value, "valid_tokens": tokens}
             if other_tokens:
                 record["valid_loss_other_audio"] = other_sum / other_tokens
+            if batches:
+                record["valid_ctc_loss"] = ctc_sum / batches  # mean over batches
             self._log(record)
         return value
 
