@@ -276,6 +276,9 @@ class TrainConfig:
     # Weight of the adaptor's CTC loss against the transcript (SpeechLLM.ctc_loss), added to the LLM's loss;
     # 0 = off (the paper). It aligns the adaptor with a frozen LLM in far fewer steps.
     ctc_weight: float = 0.0
+    # Weight of the LLM's loss. 0 with ctc_weight > 0 is a CTC-only warm-up of the adaptor: training steps skip
+    # the LLM (several times faster a step); validation still scores the LLM's loss.
+    lm_weight: float = 1.0
     out_dir: str = "exp/run"
     max_steps: int = 1000
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on CUDA, with loss scaling)
@@ -290,8 +293,12 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if self.ctc_weight < 0:
-            raise ValueError(f"ctc_weight must be >= 0, got {self.ctc_weight}")
+        if self.ctc_weight < 0 or self.lm_weight < 0:
+            raise ValueError(f"ctc_weight and lm_weight must be >= 0, got {self.ctc_weight} and {self.lm_weight}")
+        if self.ctc_weight == 0 and self.lm_weight == 0:
+            raise ValueError("ctc_weight and lm_weight are both 0: nothing to train on")
+        if self.lm_weight == 0 and (self.model.lora.enabled or self.model.llm.trainable):
+            raise ValueError("lm_weight 0 (a CTC-only warm-up) never runs the LLM: disable lora and llm.trainable")
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

@@ -129,6 +129,26 @@ def test_ctc_weight_adds_the_adaptor_ctc_loss(tmp_path):
     assert 0 < last["valid_ctc_loss"] < ctc[0], last
     with pytest.raises(ValueError, match="ctc_weight"):
         train_config(tmp_path, ctc_weight=-1.0)
+    with pytest.raises(ValueError, match="nothing to train"):
+        train_config(tmp_path, lm_weight=0.0)
+
+
+def test_ctc_only_warm_up_skips_the_llm(tmp_path):
+    """lm_weight=0: the LLM never runs in a training step, the CTC loss drops, validation still scores the LLM."""
+    with pytest.raises(ValueError, match="disable lora"):
+        train_config(tmp_path, ctc_weight=1.0, lm_weight=0.0)  # the tiny preset has LoRA on
+    cfg = train_config(tmp_path, "lora.enabled=false", max_steps=20, save_every=0, ctc_weight=1.0, lm_weight=0.0)
+    trainer = Trainer(cfg, fake_loader(batch_size=8))
+    calls = []
+    decoder = trainer.model.base_llm.get_decoder()
+    decoder.register_forward_hook(lambda *args: calls.append(1))
+    records = trainer.train()
+    assert calls == [] and all("loss" not in r for r in records)
+    assert records[-1]["ctc_loss"] < 0.7 * records[0]["ctc_loss"], [r["ctc_loss"] for r in records]
+    trainer.cfg.data = NoData(valid=["fake"])
+    trainer.validate()
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert calls and last["valid_loss"] > 0 and last["valid_ctc_loss"] > 0
 
 
 def test_lr_schedules():

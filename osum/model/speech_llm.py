@@ -146,12 +146,18 @@ class SpeechLLM(nn.Module):
         prompts: list[str] | list[PromptIds],
         targets: list[str] | list[list[int]],
         transcripts: list[list[int]] | None = None,
+        lm: bool = True,
     ) -> ForwardOutput:
         """Mean cross-entropy over target tokens (and their end token) only; with `transcripts` (token ids of
-        what each item says) also the adaptor's CTC loss against them (see `ctc_loss`)."""
+        what each item says) also the adaptor's CTC loss against them (see `ctc_loss`). lm=False skips the LLM:
+        only the CTC loss is computed (`loss` is then 0 over 0 tokens)."""
         target_ids = [self.prompts.target_ids(t) if isinstance(t, str) else list(t) for t in targets]
         adaptor_out, adaptor_lens = self.embed_audio(features, feature_lens)
         ctc = None if transcripts is None else self.ctc_loss(adaptor_out, adaptor_lens, transcripts)
+        if not lm:
+            if ctc is None:
+                raise ValueError("lm=False needs transcripts: there would be no loss at all")
+            return ForwardOutput(loss=ctc.new_zeros(()), num_tokens=0, ctc_loss=ctc)
         batch = self.assemble(adaptor_out, adaptor_lens, self._as_prompt_ids(prompts), target_ids)
         base = self.base_llm
         hidden = base.get_decoder()(

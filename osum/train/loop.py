@@ -223,11 +223,11 @@ class Trainer:
         dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
         return torch.autocast(self.info.device.type, dtype=dtype)
 
-    def _forward(self, batch: dict, ctc: bool = False) -> ForwardOutput:
+    def _forward(self, batch: dict, ctc: bool = False, lm: bool = True) -> ForwardOutput:
         dev = self.info.device
         with self._autocast():
             return self.engine(batch["features"].to(dev), batch["feature_lens"].to(dev), batch["prompt_ids"],
-                               batch["target_ids"], transcripts=batch["transcript_ids"] if ctc else None)
+                               batch["target_ids"], transcripts=batch["transcript_ids"] if ctc else None, lm=lm)
 
     def train(self, until: int | None = None) -> list[dict]:
         """Run to cfg.max_steps (or stop early after step `until`, with a checkpoint there); return step records."""
@@ -247,8 +247,8 @@ class Trainer:
             loss_sum = tokens = audio = ctc_sum = 0.0
             for _ in range(cfg.optim.accum_steps):
                 batch = next(batches)
-                out = self._forward(batch, ctc=cfg.ctc_weight > 0)
-                loss = out.loss
+                out = self._forward(batch, ctc=cfg.ctc_weight > 0, lm=cfg.lm_weight > 0)
+                loss = cfg.lm_weight * out.loss
                 if out.ctc_loss is not None:
                     loss = loss + cfg.ctc_weight * out.ctc_loss
                     ctc_sum += out.ctc_loss.item() / cfg.optim.accum_steps
@@ -271,13 +271,18 @@ class Trainer:
                       "audio_s_per_s": audio / dt, "tokens_per_s": tokens / dt}
             if cfg.ctc_weight > 0:
                 record["ctc_loss"] = ctc_sum / info.world_size
+            if cfg.lm_weight == 0:  # a CTC-only warm-up: no LLM loss, no LLM tokens
+                del record["loss"], record["tokens_per_s"]
             records.append(record)
             if info.is_main and (self.step % cfg.log_every == 0 or self.step == stop):
                 self._log(record)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                aud=f"{record['audio_s_per_s']:.1f}s/s", tok=f"{record['tokens_per_s']:.0f}/s")
+                shown = {k: f"{record[k]:.3f}" for k in ("loss", "ctc_loss") if k in record}
+                shown.update(lr=f"{record['lr']:.2e}", aud=f"{record['audio_s_per_s']:.1f}s/s")
+                if "tokens_per_s" in record:
+                    shown["tok"] = f"{record['tokens_per_s']:.0f}/s"
+                bar.set_postfix(**shown)
             if cfg.valid_every and self.step % cfg.valid_every == 0 and self.step < stop:
                 self.validate()
             if (cfg.save_every and self.step % cfg.save_every == 0) or self.step == stop:

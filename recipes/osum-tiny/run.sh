@@ -4,10 +4,11 @@
 #
 #   bash recipes/osum-tiny/run.sh                  # every stage (0 needs root for apt)
 #   STAGES="3 4 5" bash recipes/osum-tiny/run.sh   # some stages
-#   stages: 0 voices · 1 synthesize (shards + test lists) · 2 data stats · 3/4/5 train stage 1/2/3 ·
+#   stages: 0 voices · 1 synthesize (shards + test lists) · 2 data stats · 3 CTC warm-up + train stage 1 ·
+#           4/5 train stage 2/3 ·
 #           6 evaluate (held-out voices and real recordings) · 7 average + export (bf16, LoRA kept apart)
 # On a GPU machine the same stages run there (training picks CUDA by itself); NPROC>1 uses torchrun DDP.
-# Environment: DATA, EXP, OUT (exported model), PRESET, SENTENCES, JOBS, STEPS1..3, NPROC; extra arguments
+# Environment: DATA, EXP, OUT (exported model), PRESET, SENTENCES, JOBS, STEPS0..3, NPROC; extra arguments
 # are dotted overrides for the three training stages (e.g. `precision=bf16 data.num_workers=2`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -26,10 +27,10 @@ PYTHON=${PYTHON:-$(dirname "$OSUM")/python}
 run_stage() { [[ " $STAGES " == *" $1 "* ]]; }
 absolute() { case $1 in /*) echo "$1" ;; *) echo "$PWD/$1" ;; esac; }
 
-train() {  # stage number (1..3), steps
+train() {  # stage number (0 = CTC warm-up, 1..3), steps
   local n=$1 steps=$2 init=()
   shift 2
-  if [ "$n" -gt 1 ]; then init=("init_from=$EXP/stage$((n - 1))/final"); fi
+  if [ "$n" -gt 0 ]; then init=("init_from=$EXP/stage$((n - 1))/final"); fi
   local args=(--config "$here/stage$n.yaml" "model.preset=$PRESET" "data.mixture=$DATA/mixture.yaml"
               "out_dir=$EXP/stage$n" "max_steps=$steps" "${init[@]}" "$@")
   if [ "$NPROC" -gt 1 ]; then
@@ -44,7 +45,10 @@ if run_stage 0; then bash "$here/install_voices.sh"; fi
 if run_stage 1; then "$OSUM" synth --out "$DATA" --sentences "$SENTENCES" --jobs "$JOBS"; fi
 if run_stage 2; then "$OSUM" data stats "$DATA/train" --png "$DATA/train_durations.png"; fi
 shift_args=("$@")
-if run_stage 3; then train 1 "${STEPS1:-1500}" "${shift_args[@]}"; fi
+if run_stage 3; then
+  train 0 "${STEPS0:-3000}" "${shift_args[@]}"
+  train 1 "${STEPS1:-1500}" "${shift_args[@]}"
+fi
 if run_stage 4; then train 2 "${STEPS2:-1000}" "${shift_args[@]}"; fi
 if run_stage 5; then train 3 "${STEPS3:-1500}" "${shift_args[@]}"; fi
 if run_stage 6; then
