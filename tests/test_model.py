@@ -124,6 +124,9 @@ def test_ctc_loss_scores_adaptor_output_against_the_llm_embeddings(tiny_model):
     aligned = (emb[path] * 50.0)[None]  # dot products pick out the row itself when it is scaled up
     lens = torch.tensor([len(path)])
     assert tiny_model.ctc_loss(aligned, lens, [said]).item() < 0.05
+    assert tiny_model.ctc_greedy(aligned, lens) == [said]  # blanks dropped, the path read back
+    doubled = torch.cat([aligned[:, :2], aligned[:, 1:]], dim=1)  # a token held for two positions is one token
+    assert tiny_model.ctc_greedy(doubled, lens + 1) == [said]
     wrong = tiny_model.prompts.encode("read a book")
     assert tiny_model.ctc_loss(aligned, lens, [wrong]).item() > 5.0
 

@@ -127,6 +127,7 @@ def test_ctc_weight_adds_the_adaptor_ctc_loss(tmp_path):
     trainer.validate()
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0 < last["valid_ctc_loss"] < ctc[0], last
+    assert 0 <= last["valid_ctc_wer"] <= 1.5, last  # word errors of the greedy CTC transcripts
     with pytest.raises(ValueError, match="ctc_weight"):
         train_config(tmp_path, ctc_weight=-1.0)
     with pytest.raises(ValueError, match="nothing to train"):

@@ -42,6 +42,7 @@ class ForwardOutput:
     loss: torch.Tensor  # mean over supervised tokens
     num_tokens: int
     ctc_loss: torch.Tensor | None = None  # per transcript token, when transcripts were given
+    ctc_greedy: list[list[int]] | None = None  # in eval mode with transcripts: each item's greedy CTC tokens
 
 
 class SpeechLLM(nn.Module):
@@ -154,10 +155,11 @@ class SpeechLLM(nn.Module):
         target_ids = [self.prompts.target_ids(t) if isinstance(t, str) else list(t) for t in targets]
         adaptor_out, adaptor_lens = self.embed_audio(features, feature_lens)
         ctc = None if transcripts is None else self.ctc_loss(adaptor_out, adaptor_lens, transcripts)
+        greedy = self.ctc_greedy(adaptor_out, adaptor_lens) if ctc is not None and not self.training else None
         if not lm:
             if ctc is None:
                 raise ValueError("lm=False needs transcripts: there would be no loss at all")
-            return ForwardOutput(loss=ctc.new_zeros(()), num_tokens=0, ctc_loss=ctc)
+            return ForwardOutput(loss=ctc.new_zeros(()), num_tokens=0, ctc_loss=ctc, ctc_greedy=greedy)
         batch = self.assemble(adaptor_out, adaptor_lens, self._as_prompt_ids(prompts), target_ids)
         base = self.base_llm
         hidden = base.get_decoder()(
@@ -171,7 +173,7 @@ class SpeechLLM(nn.Module):
         keep = shift_labels != IGNORE_INDEX
         logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()  # (N, V)
         loss = F.cross_entropy(logits, shift_labels[keep])
-        return ForwardOutput(loss=loss, num_tokens=int(keep.sum()), ctc_loss=ctc)
+        return ForwardOutput(loss=loss, num_tokens=int(keep.sum()), ctc_loss=ctc, ctc_greedy=greedy)
 
     @property
     def ctc_blank_id(self) -> int:
@@ -204,6 +206,18 @@ class SpeechLLM(nn.Module):
         total = F.ctc_loss(log_probs, targets, torch.tensor([lens[i] for i in keep]), target_lens,
                            blank=self.ctc_blank_id, reduction="sum", zero_infinity=True)
         return total / target_lens.sum()
+
+    @torch.no_grad()
+    def ctc_greedy(self, adaptor_out: torch.Tensor, adaptor_lens: torch.Tensor) -> list[list[int]]:
+        """Each item's best CTC path through the LLM's embeddings, repeats merged and blanks dropped: the words
+        the adaptor's output already spells out (a direct view of how far its alignment has come)."""
+        embed = self.base_llm.get_input_embeddings().weight
+        best = (adaptor_out.to(embed.dtype) @ embed.T).argmax(-1).tolist()  # (B, S)
+        blank, out = self.ctc_blank_id, []
+        for path, n in zip(best, adaptor_lens.tolist()):
+            path = path[:n]
+            out.append([t for i, t in enumerate(path) if t != blank and (i == 0 or t != path[i - 1])])
+        return out
 
     # ---- inference ----------------------------------------------------------------------------
 

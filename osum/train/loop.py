@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from osum.config import OptimConfig, TrainConfig, save
+from osum.evaluate import metrics, normalize
 from osum.model import checkpoint
 from osum.model.speech_llm import ForwardOutput, SpeechLLM
 from osum.train import distributed, state
@@ -327,7 +328,7 @@ class Trainer:
         if not self._has_valid():
             return None
         self.engine.eval()
-        loss_sum = tokens = other_sum = other_tokens = ctc_sum = batches = 0.0
+        loss_sum = tokens = other_sum = other_tokens = ctc_sum = batches = ctc_errors = ctc_words = 0.0
         for batch in self._loader("valid", 0):
             n = batch["num_target_tokens"]
             out = self._forward(batch, ctc=self.cfg.ctc_weight > 0)
@@ -336,6 +337,12 @@ class Trainer:
             if out.ctc_loss is not None:
                 ctc_sum += out.ctc_loss.item()
                 batches += 1
+                decode = self.model.tokenizer.decode
+                counts = metrics.corpus_counts(
+                    "wer", [normalize.basic(decode(t)) for t in batch["transcript_ids"] if t],
+                    [normalize.basic(decode(h)) for h, t in zip(out.ctc_greedy, batch["transcript_ids"]) if t])
+                ctc_errors += counts.errors
+                ctc_words += counts.ref_len
             # Each target again with the next item's audio: the gap to valid_loss is how much the model uses
             # the audio (a speech LLM can lower its loss a long way on the text prior alone). Every rank runs
             # this forward, so sharded engines stay in step; batches of one count for nothing.
@@ -344,8 +351,8 @@ class Trainer:
             if len(batch["feature_lens"]) > 1:
                 other_sum += other * n
                 other_tokens += n
-        loss_sum, tokens, other_sum, other_tokens, ctc_sum, batches = distributed.all_reduce_sum(
-            [loss_sum, tokens, other_sum, other_tokens, ctc_sum, batches], self.info)
+        loss_sum, tokens, other_sum, other_tokens, ctc_sum, batches, ctc_errors, ctc_words = distributed.all_reduce_sum(
+            [loss_sum, tokens, other_sum, other_tokens, ctc_sum, batches, ctc_errors, ctc_words], self.info)
         self.engine.train()
         value = loss_sum / max(tokens, 1)
         if self.info.is_main:
@@ -354,6 +361,8 @@ class Trainer:
                 record["valid_loss_other_audio"] = other_sum / other_tokens
             if batches:
                 record["valid_ctc_loss"] = ctc_sum / batches  # mean over batches
+            if ctc_words:
+                record["valid_ctc_wer"] = ctc_errors / ctc_words  # the adaptor's greedy CTC transcripts
             self._log(record)
         return value
 
