@@ -123,26 +123,33 @@ def test_ctc_loss_scores_adaptor_output_against_the_llm_embeddings(tiny_model):
     path = [blank] + [t for tok in said for t in (tok, blank)]
     aligned = (emb[path] * 50.0)[None]  # dot products pick out the row itself when it is scaled up
     lens = torch.tensor([len(path)])
-    assert tiny_model.ctc_loss(aligned, lens, [said]).item() < 0.05
-    assert tiny_model.ctc_greedy(aligned, lens) == [said]  # blanks dropped, the path read back
+
+    def loss(out, lens, texts):
+        return tiny_model.ctc_loss(tiny_model.ctc_logits(out), lens, texts)
+
+    def greedy(out, lens):
+        return tiny_model.ctc_greedy(tiny_model.ctc_logits(out), lens)
+
+    assert loss(aligned, lens, [said]).item() < 0.05
+    assert greedy(aligned, lens) == [said]  # blanks dropped, the path read back
     doubled = torch.cat([aligned[:, :2], aligned[:, 1:]], dim=1)  # a token held for two positions is one token
-    assert tiny_model.ctc_greedy(doubled, lens + 1) == [said]
+    assert greedy(doubled, lens + 1) == [said]
     wrong = tiny_model.prompts.encode("read a book")
-    assert tiny_model.ctc_loss(aligned, lens, [wrong]).item() > 5.0
+    assert loss(aligned, lens, [wrong]).item() > 5.0
 
     g = torch.Generator().manual_seed(0)
     out = torch.randn(3, 12, emb.shape[1], generator=g)
     out_lens = torch.tensor([12, 9, 12])
     texts = [tiny_model.prompts.encode(t) for t in ("good morning", "see you soon")]
-    singles = [tiny_model.ctc_loss(out[i : i + 1, : out_lens[i]], out_lens[i : i + 1], [texts[i]]) for i in range(2)]
+    singles = [loss(out[i : i + 1, : out_lens[i]], out_lens[i : i + 1], [texts[i]]) for i in range(2)]
     too_long = list(range(5, 25))  # 20 tokens do not fit into 12 positions
-    batch = tiny_model.ctc_loss(out, out_lens, texts + [too_long])
+    batch = loss(out, out_lens, texts + [too_long])
     weights = [len(t) for t in texts]
     expected = sum(w * s for w, s in zip(weights, singles)) / sum(weights)
     assert torch.allclose(batch, expected, atol=1e-5)
-    assert torch.allclose(tiny_model.ctc_loss(out, out_lens, [texts[0], [], texts[1]]),
-                          tiny_model.ctc_loss(out[[0, 2]], out_lens[[0, 2]], texts), atol=1e-5)
-    assert tiny_model.ctc_loss(out, out_lens, [[], [], too_long]).item() == 0.0
+    assert torch.allclose(loss(out, out_lens, [texts[0], [], texts[1]]),
+                          loss(out[[0, 2]], out_lens[[0, 2]], texts), atol=1e-5)
+    assert loss(out, out_lens, [[], [], too_long]).item() == 0.0
 
 
 def test_batched_generate_equals_single(backbone_model):

@@ -10,6 +10,7 @@ import torch
 
 from osum import tasks
 from osum.config import OptimConfig, TrainConfig
+from osum.evaluate import metrics, normalize
 from osum.model import checkpoint
 from osum.train import state
 from osum.train.loop import Trainer, lr_factor
@@ -128,6 +129,17 @@ def test_ctc_weight_adds_the_adaptor_ctc_loss(tmp_path):
     last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert 0 < last["valid_ctc_loss"] < ctc[0], last
     assert 0 <= last["valid_ctc_wer"] <= 1.5, last  # word errors of the greedy CTC transcripts
+    # ... the same as scoring the model's greedy CTC transcripts of the valid batches by hand
+    errors = words = 0
+    for b in fake_loader(batch_size=8)(None, "valid", trainer.model.prompts, 80, 0, 0, 1):
+        with torch.no_grad():
+            adaptor_out, lens = trainer.model.eval().embed_audio(b["features"], b["feature_lens"])
+            hyps = trainer.model.ctc_greedy(trainer.model.ctc_logits(adaptor_out), lens)
+        for ref, hyp in zip(b["transcript_ids"], hyps):
+            ref_words = trainer.model.tokenizer.decode(ref).split()
+            errors += metrics.edit_counts(ref_words, normalize.basic(trainer.model.tokenizer.decode(hyp)).split()).errors
+            words += len(ref_words)
+    assert last["valid_ctc_wer"] == pytest.approx(errors / words)
     with pytest.raises(ValueError, match="ctc_weight"):
         train_config(tmp_path, ctc_weight=-1.0)
     with pytest.raises(ValueError, match="nothing to train"):

@@ -152,14 +152,17 @@ class SpeechLLM(nn.Module):
         """Mean cross-entropy over target tokens (and their end token) only; with `transcripts` (token ids of
         what each item says) also the adaptor's CTC loss against them (see `ctc_loss`). lm=False skips the LLM:
         only the CTC loss is computed (`loss` is then 0 over 0 tokens)."""
-        target_ids = [self.prompts.target_ids(t) if isinstance(t, str) else list(t) for t in targets]
+        if not lm and transcripts is None:
+            raise ValueError("lm=False needs transcripts: there would be no loss at all")
         adaptor_out, adaptor_lens = self.embed_audio(features, feature_lens)
-        ctc = None if transcripts is None else self.ctc_loss(adaptor_out, adaptor_lens, transcripts)
-        greedy = self.ctc_greedy(adaptor_out, adaptor_lens) if ctc is not None and not self.training else None
+        ctc = greedy = None
+        if transcripts is not None:
+            ctc_logits = self.ctc_logits(adaptor_out)  # once, for the loss and (in eval mode) the greedy transcripts
+            ctc = self.ctc_loss(ctc_logits, adaptor_lens, transcripts)
+            greedy = None if self.training else self.ctc_greedy(ctc_logits, adaptor_lens)
         if not lm:
-            if ctc is None:
-                raise ValueError("lm=False needs transcripts: there would be no loss at all")
             return ForwardOutput(loss=ctc.new_zeros(()), num_tokens=0, ctc_loss=ctc, ctc_greedy=greedy)
+        target_ids = [self.prompts.target_ids(t) if isinstance(t, str) else list(t) for t in targets]
         batch = self.assemble(adaptor_out, adaptor_lens, self._as_prompt_ids(prompts), target_ids)
         base = self.base_llm
         hidden = base.get_decoder()(
@@ -184,7 +187,12 @@ class SpeechLLM(nn.Module):
                 return token_id
         raise ValueError("the tokenizer has no unk, pad or eos token to stand for CTC's blank")
 
-    def ctc_loss(self, adaptor_out: torch.Tensor, adaptor_lens: torch.Tensor,
+    def ctc_logits(self, adaptor_out: torch.Tensor) -> torch.Tensor:
+        """adaptor_out (B, S, H) → CTC logits (B, S, V): each position scored against the LLM's input embeddings."""
+        embed = self.base_llm.get_input_embeddings().weight  # (V, H)
+        return adaptor_out.to(embed.dtype) @ embed.T
+
+    def ctc_loss(self, ctc_logits: torch.Tensor, adaptor_lens: torch.Tensor,
                  transcripts: list[list[int]]) -> torch.Tensor:
         """CTC of each item's adaptor output against its transcript, scored through the LLM's own input embeddings.
 
@@ -194,13 +202,11 @@ class SpeechLLM(nn.Module):
         transcript, or one longer than CTC can fit into their positions, are left out; the sum is divided by
         the transcript tokens scored.
         """
-        embed = self.base_llm.get_input_embeddings().weight  # (V, H)
         lens = adaptor_lens.tolist()
         keep = [i for i, t in enumerate(transcripts) if t and len(t) + _repeats(t) <= lens[i]]
         if not keep:
-            return adaptor_out.sum() * 0.0  # keeps the graph connected for DDP
-        logits = adaptor_out[keep].to(embed.dtype) @ embed.T  # (B', S, V)
-        log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (S, B', V)
+            return ctc_logits.sum() * 0.0  # keeps the graph connected for DDP
+        log_probs = ctc_logits[keep].float().log_softmax(-1).transpose(0, 1)  # (S, B', V)
         targets = torch.tensor([tok for i in keep for tok in transcripts[i]], dtype=torch.long, device=self.device)
         target_lens = torch.tensor([len(transcripts[i]) for i in keep], dtype=torch.long)
         total = F.ctc_loss(log_probs, targets, torch.tensor([lens[i] for i in keep]), target_lens,
@@ -208,13 +214,11 @@ class SpeechLLM(nn.Module):
         return total / target_lens.sum()
 
     @torch.no_grad()
-    def ctc_greedy(self, adaptor_out: torch.Tensor, adaptor_lens: torch.Tensor) -> list[list[int]]:
-        """Each item's best CTC path through the LLM's embeddings, repeats merged and blanks dropped: the words
-        the adaptor's output already spells out (a direct view of how far its alignment has come)."""
-        embed = self.base_llm.get_input_embeddings().weight
-        best = (adaptor_out.to(embed.dtype) @ embed.T).argmax(-1).tolist()  # (B, S)
+    def ctc_greedy(self, ctc_logits: torch.Tensor, adaptor_lens: torch.Tensor) -> list[list[int]]:
+        """Each item's best CTC path, repeats merged and blanks dropped: the words the adaptor's output already
+        spells out (a direct view of how far its alignment has come)."""
         blank, out = self.ctc_blank_id, []
-        for path, n in zip(best, adaptor_lens.tolist()):
+        for path, n in zip(ctc_logits.argmax(-1).tolist(), adaptor_lens.tolist()):
             path = path[:n]
             out.append([t for i, t in enumerate(path) if t != blank and (i == 0 or t != path[i - 1])])
         return out
