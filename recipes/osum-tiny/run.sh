@@ -8,7 +8,8 @@
 #           4/5 train stage 2/3 ·
 #           6 evaluate (held-out voices and real recordings) · 7 average + export (bf16, LoRA kept apart)
 # On a GPU machine the same stages run there (training picks CUDA by itself); NPROC>1 uses torchrun DDP.
-# Environment: DATA, EXP, OUT (exported model), PRESET, SENTENCES, JOBS, STEPS0..3, NPROC; extra arguments
+# Environment: DATA, EXP, OUT (exported model), PRESET, SENTENCES, JOBS, STEPS0..3, NPROC, FINAL (the training
+# stage whose `final` stages 6 and 7 evaluate and export, default 3; 2 to release before stage 3); extra arguments
 # are dotted overrides for the three training stages (e.g. `precision=bf16 data.num_workers=2`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -21,6 +22,7 @@ SENTENCES=${SENTENCES:-12000}
 JOBS=${JOBS:-2}
 NPROC=${NPROC:-1}
 STAGES=${STAGES:-"0 1 2 3 4 5 6 7"}
+FINAL=${FINAL:-3}
 OSUM=${OSUM:-$(command -v osum || echo .venv/bin/osum)}
 PYTHON=${PYTHON:-$(dirname "$OSUM")/python}
 
@@ -54,7 +56,7 @@ if run_stage 5; then train 3 "${STEPS3:-1500}" "${shift_args[@]}"; fi
 if run_stage 6; then
   suite="$EXP/suite.yaml"
   {
-    echo "model: $(absolute "$EXP")/stage3/final"
+    echo "model: $(absolute "$EXP")/stage$FINAL/final"
     echo "out: $(absolute "$EXP")/eval"
     echo "defaults: {normalizer: auto, batch_size: 16, decoding: greedy}"
     echo "runs:"
@@ -71,6 +73,6 @@ if run_stage 6; then
   "$OSUM" eval --suite "$suite"
 fi
 if run_stage 7; then
-  "$OSUM" export "$EXP/stage3/final" --keep-lora --dtype bfloat16 --out "$OUT"
+  "$OSUM" export "$EXP/stage$FINAL/final" --keep-lora --dtype bfloat16 --out "$OUT"
   du -sh "$OUT"
 fi
