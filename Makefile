@@ -1,5 +1,5 @@
 # make test: create .venv if missing, install osum with everything the tests need, run the tests.
-# make demo: same install, then `osum infer` on the example clips.
+# make demo: same install, then the released osum-tiny (`osum infer`) on the example clips.
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -35,7 +35,7 @@ test-fast: install browser
 	$(BIN)/pytest -q -m "not slow"
 
 demo: install
-	$(BIN)/osum infer examples/*.wav --model tiny --task asr+sgc
+	$(BIN)/osum infer examples/*.wav --task asr+sgc
 
 clean:
 	rm -rf $(VENV) build *.egg-info

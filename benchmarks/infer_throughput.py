@@ -1,6 +1,6 @@
 """Batched engine vs one-file-at-a-time generation (the reference code's way), same model and clips, one run.
 
-    python benchmarks/infer_throughput.py --model osum-tiny --copies 8 --batch-size 16
+    python benchmarks/infer_throughput.py --model preset:osum-tiny --copies 8 --batch-size 16
 
 Prints audio seconds per second of each mode, their ratio, and how many outputs differ between the modes.
 """
@@ -25,7 +25,7 @@ def timed_run(engine: Engine, clips: list[str], task: str) -> tuple[float, list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="osum-tiny", help="model directory or preset")
+    parser.add_argument("--model", default="preset:osum-tiny", help="model directory, released model or preset")
     parser.add_argument("--clips", default="examples/*.wav", help="glob of audio files")
     parser.add_argument("--copies", type=int, default=8, help="each clip is listed this many times")
     parser.add_argument("--batch-size", type=int, default=16)

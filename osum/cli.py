@@ -1,6 +1,6 @@
 """`osum <subcommand>`: thin functions over the package. Run `osum --help`.
 
-    osum infer clip.wav list.jsonl --model tiny --task asr+sgc --output out.jsonl
+    osum infer clip.wav list.jsonl --task asr+sgc --output out.jsonl
     osum models
 """
 from __future__ import annotations
@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
+
+from osum import DEFAULT_MODEL
 
 AUDIO_LIST_SUFFIXES = {".txt", ".lst", ".list"}
 
@@ -92,10 +94,16 @@ def output_lines(path: str | None) -> Iterator[TextIO]:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from osum import weights
-    from osum.config import presets
+    from osum import released_model_dir, weights
+    from osum.config import RELEASED_MODELS, presets, released_roots
 
     print("presets (osum.load / --model):", ", ".join(presets()))
+    for name in RELEASED_MODELS:
+        try:
+            where = str(released_model_dir(name))
+        except FileNotFoundError:
+            where = "not found in " + ", ".join(str(r) for r in released_roots())
+        print(f"released {name}{' (default)' if name == DEFAULT_MODEL else ''}: {where}")
     print(f"{'base model':24} {'kind':10} {'offline':8} source")
     for m in weights.list_models():
         source = "converted" if m["converted"] else ("installed" if m["installed"] else m["pip"])
@@ -281,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("infer", help="understand audio files; one JSON line per input")
     p.add_argument("inputs", nargs="+", help="audio files, text files of paths, or JSONL lists (key + wav)")
-    p.add_argument("--model", default="tiny", help="model directory or preset name (default: tiny, random)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model directory, released model or preset name (default: {DEFAULT_MODEL}, trained)")
     p.add_argument("--task", default="asr", help="task spec, e.g. asr, asr+ser, asr+sap+sgc, srwt, sttc")
     p.add_argument("--prompt", default=None, help="your own instruction instead of the task's fixed prompt")
     p.add_argument("--batch-size", type=int, default=16, help="most pieces per batch")
@@ -320,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     from osum.config import ServeConfig
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with dynamic batching and a web demo")
-    p.add_argument("--model", default="tiny", help="model directory or preset name (default: tiny, random)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model directory, released model or preset name (default: {DEFAULT_MODEL}, trained)")
     p.add_argument("--device", default="cpu")
     for f in dataclasses.fields(ServeConfig):  # one flag per setting: --max-upload-bytes, --api-key, ...
         p.add_argument(f"--{f.name.replace('_', '-')}", default=None, metavar="VALUE", help=f"(default: {f.default})")

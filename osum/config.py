@@ -24,6 +24,16 @@ def osum_home() -> Path:
     return Path(os.environ.get("OSUM_HOME", Path.home() / ".cache" / "osum")).expanduser()
 
 
+# Trained models released with osum, by name: `osum.load(name)` finds their directory (config.json +
+# safetensors of what was trained; the base models are referenced by name) in the first of these roots.
+RELEASED_MODELS = ("osum-tiny",)
+
+
+def released_roots() -> list[Path]:
+    """`$OSUM_HOME/released/`, then the `models/` folder of the osum checkout this package runs from."""
+    return [osum_home() / "released", Path(__file__).resolve().parent.parent / "models"]
+
+
 @dataclass
 class AudioConfig:
     sample_rate: int = 16000

@@ -1,9 +1,11 @@
 """Recipe configs parse and validate (OSUM ships configs that fail their own checks; ours are tested)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from osum.config import load_train_config
 from osum.data.mixture import load_mixture
@@ -50,3 +52,15 @@ def test_osum_tiny_stages_keep_the_encoder_frozen_and_use_ctc():
     # stage 0 is the CTC-only warm-up; the CTC loss stays on once the LLM's loss joins
     assert (stages[0].lm_weight, stages[0].ctc_weight > 0) == (0.0, True)
     assert all(s.lm_weight == 1.0 and s.ctc_weight > 0 for s in stages[1:])
+
+
+def test_osum_tiny_release_suite_agrees_with_run_sh():
+    tiny = RECIPE.parent / "osum-tiny"
+    pairs = re.search(r"for pair in ([^;]+);", (tiny / "run.sh").read_text()).group(1).split()
+    suite = yaml.safe_load((tiny / "eval.yaml").read_text())
+    runs = {r["name"]: r for r in suite["runs"]}
+    assert suite["model"] == "osum-tiny" and set(runs) == {f"synth-{p.split(':')[0]}" for p in pairs} | {"real"}
+    for pair in pairs:
+        family, task = pair.split(":")
+        assert runs[f"synth-{family}"]["task"] == task
+        assert runs[f"synth-{family}"]["data"].endswith(f"data/osum-tiny/test_synth_{family}.jsonl")

@@ -1,0 +1,66 @@
+"""The released osum-tiny in models/osum-tiny: what `osum.load()`, `osum infer` and `make demo` default to."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+import osum
+from osum import config
+from osum.model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, group_of
+
+ROOT = Path(__file__).resolve().parents[1]
+RELEASE = ROOT / "models" / "osum-tiny"
+# A regression guard, not the issue's goal (25 % WER on real speech, which this release misses: see its model
+# card): the release's corpus WER on the four example clips, and a ceiling above it.
+EXAMPLES_WER_MEASURED = 0.69
+EXAMPLES_WER_CEILING = 0.85
+
+
+def test_released_name_resolves_home_first_then_checkout(tmp_path, monkeypatch):
+    monkeypatch.setenv("OSUM_HOME", str(tmp_path))
+    assert osum.released_model_dir("osum-tiny") == RELEASE
+    mine = tmp_path / "released" / "osum-tiny"
+    mine.mkdir(parents=True)
+    shutil.copy(RELEASE / CONFIG_FILE, mine / CONFIG_FILE)
+    assert osum.released_model_dir("osum-tiny") == mine
+    monkeypatch.setattr(config, "released_roots", lambda: [tmp_path / "nowhere"])
+    with pytest.raises(FileNotFoundError, match="copy the folder models/osum-tiny"):
+        osum.load()
+    with pytest.raises(ValueError, match="preset:osum-tiny"):
+        osum.load("osum-tiny", overrides=["lora.r=4"])
+    assert osum.load("preset:tiny").config.name == "tiny"  # the untrained preset stays reachable by name
+
+
+def test_release_holds_only_the_trained_parts_in_bf16_under_60_mb():
+    meta = json.loads((RELEASE / CONFIG_FILE).read_text())
+    assert meta["stored_groups"] == ["adaptor", "speech_embeds", "lora"]
+    model = meta["model"]
+    assert model["encoder"]["name"] == "whisper-base" and not model["encoder"]["trainable"]
+    assert model["llm"]["name"] == "smollm2-135m-instruct" and model["lora"]["enabled"]
+    assert sum(f.stat().st_size for f in RELEASE.rglob("*") if f.is_file()) < 60e6
+    with safe_open(str(RELEASE / WEIGHTS_FILE), framework="pt") as f:
+        keys = list(f.keys())
+        assert {group_of(k) for k in keys} == {"adaptor", "speech_embeds", "lora"}
+        assert all(str(f.get_slice(k).get_dtype()) == "BF16" for k in keys)
+
+
+@pytest.mark.slow
+def test_default_model_transcribes_and_labels_the_examples():
+    from osum.evaluate.metrics import corpus_counts
+    from osum.evaluate.normalize import english
+    from osum.infer.engine import Engine
+
+    model = osum.load()
+    clips = sorted((ROOT / "examples").glob("*.wav"))
+    results = Engine(model, max_batch_size=4).run([(c.stem, str(c)) for c in clips], task="asr+sgc")
+    refs = [english(c.with_suffix(".txt").read_text()) for c in clips]
+    hyps = [english(r["text"] or "") for r in results]
+    wer = corpus_counts("wer", refs, hyps).rate
+    # every clip gets a transcript and a gender tag in the task's format
+    assert all(r["text"] and not r.get("parse_errors") for r in results), results
+    assert {r["labels"].get("gender") for r in results} <= {"male", "female"}, results
+    assert wer <= EXAMPLES_WER_CEILING, (wer, EXAMPLES_WER_MEASURED, hyps)
