@@ -163,7 +163,11 @@ class DatasetConfig:
     name: str = ""
     shards: str = ""
     weight: float = 1.0  # share of the training draws (weights are normalised over the mixture)
-    task: str | None = None  # a task spec forced on every sample (e.g. "asr"); None = each sample's own
+    # A task spec forced on every sample (e.g. "asr"); None = each sample's own; "auto" = ignore the sample's own
+    # and draw one from its labels (osum/data/targets.py), so a corpus whose tasks follow its audio (synthetic
+    # families) also teaches the model to follow the prompt. Listing the same shards twice, once as they are and
+    # once with "auto", keeps plain ASR in the mix.
+    task: str | None = None
 
 
 @dataclass

@@ -63,6 +63,7 @@ TAG_FIELDS = tuple(LABELS)  # ("event", "emotion", "style", "age", "gender", "la
 
 SPEECH_CHAT_SEPARATOR = "<answer>"  # between the transcript and the reply in sttc targets
 ONLY_PREFIX = "only:"
+AUTO_TASK = "auto"  # a dataset's `task` that means: each sample gets a task drawn from its labels
 # System turn for chat-template layouts (instruct backbones, EChat); the task prompt goes in the user turn.
 CHAT_SYSTEM_PROMPT = (
     "You are a helpful assistant that listens to speech. Follow the user's instruction about the audio "

@@ -99,3 +99,17 @@ def test_valid_split_reads_each_dataset_once_in_order(tmp_path):
     data = from_dict(DataConfig, {"valid": valid, "sort_buffer": 0})
     keys = [k for batch in build_loader(data, "valid", prompt_builder(), 80, epoch=3) for k in batch["keys"]]
     assert keys == [f"a-{i:04d}" for i in range(5)] + [f"b-{i:04d}" for i in range(4)]
+
+
+def test_auto_task_draws_a_task_from_each_samples_labels(tmp_path):
+    """The same shards twice, as they are and with `task: auto`: the second copy trains the tasks its labels
+    allow (here gender or age), so the task no longer follows the audio."""
+    shards = make_shards(tmp_path, n=40, tasks=("asr+sgc+sap",), per_shard=10, max_seconds=0.5)
+    (tmp_path / "mix.yaml").write_text(f"train:\n  own: {{shards: {shards}}}\n  relabel: {{shards: {shards}, task: Auto}}\n")
+    data = from_dict(DataConfig, {"mixture": str(tmp_path / "mix.yaml"), "epoch_samples": 400, "shuffle_buffer": 50,
+                                  "max_batch_frames": 6000})
+    assert [d.task for d in mixture.datasets(data, "train")] == [None, "auto"]
+    loader = build_loader(data, "train", prompt_builder(), 80, epoch=0)
+    assert sum(len(b["keys"]) for b in loader) == 400 and not loader.stats.dropped
+    assert loader.stats.shares("tasks") == pytest.approx({"asr+sap+sgc": 0.5, "asr+sgc": 0.25, "asr+sap": 0.25},
+                                                         abs=0.07)

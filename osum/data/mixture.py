@@ -5,6 +5,7 @@ A mixture YAML (`data.mixture`), like OSUM's data config, maps dataset names to 
     train:
       librispeech: {shards: libri/shards.list, weight: 1.0}
       emotion:     {shards: emo/, weight: 0.5, task: ser}   # task forced on every sample
+      relabel:     {shards: libri/shards.list, task: auto}  # a task drawn from each sample's labels
     valid:
       dev: {shards: dev.jsonl}
 
@@ -87,7 +88,9 @@ def datasets(data: DataConfig, split: str) -> list[DatasetConfig]:
             raise ValueError(f"{where} has no shards")
         if not ds.weight >= 0:
             raise ValueError(f"{where}: weight must be >= 0, got {ds.weight}")
-        if ds.task is not None:
+        if ds.task is not None and ds.task.strip().lower() == tasks.AUTO_TASK:
+            ds.task = tasks.AUTO_TASK
+        elif ds.task is not None:
             ds.task = str(tasks.parse_spec(ds.task))
     if split == "train" and found and not any(ds.weight > 0 for ds in found):
         raise ValueError("data.train: every dataset has weight 0")

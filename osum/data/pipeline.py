@@ -134,7 +134,7 @@ def read_dataset(sources: list[str], part: int, num_parts: int, stats: PipelineS
         sample = parse_record(record, stats)
         if sample is not None:
             if task is not None:
-                sample.task = task
+                sample.task = None if task == tasks.AUTO_TASK else task
             yield Item(sample, name)
 
 
