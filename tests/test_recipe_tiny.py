@@ -21,6 +21,8 @@ def test_recipe_training_eval_export_stages(tmp_path):
     shutil.copy(listing, data / "test_synth_sgc.jsonl")
     shutil.copy(listing, data / "test_real.jsonl")
     exp, out = tmp_path / "exp", tmp_path / "model"
+    out.mkdir()
+    (out / "README.md").write_text("model card of an earlier export\n")  # export replaces the folder but keeps it
     env = {**os.environ, "STAGES": "3 4 5 6 7", "PRESET": "tiny", "DATA": str(data), "EXP": str(exp),
            "OUT": str(out), "STEPS0": "2", "STEPS1": "2", "STEPS2": "2", "STEPS3": "2", "AVERAGE": "1",
            "OSUM": str(Path(sys.executable).parent / "osum"), "OMP_NUM_THREADS": "1"}
@@ -43,6 +45,7 @@ def test_recipe_training_eval_export_stages(tmp_path):
     results = (exp / "eval" / "results.md").read_text()
     assert "synth-sgc" in results and "real" in results
     released = json.loads((out / "config.json").read_text())
+    assert (out / "README.md").read_text() == "model card of an earlier export\n"
     assert "lora" in released["stored_groups"] and released["model"]["lora"]["enabled"]  # LoRA kept apart
     import osum
 

@@ -73,6 +73,17 @@ if run_stage 6; then
   "$OSUM" eval --suite "$suite"
 fi
 if run_stage 7; then
+  # export replaces the folder; a model card already there (README.md) is kept, to be updated by hand
+  card=""
+  if [ -f "$OUT/README.md" ]; then
+    card=$(mktemp)
+    cp "$OUT/README.md" "$card"
+  fi
   "$OSUM" export "$EXP/stage$FINAL/final" --keep-lora --dtype bfloat16 --out "$OUT"
+  if [ -n "$card" ]; then
+    mv "$card" "$OUT/README.md"
+    chmod 644 "$OUT/README.md"
+    echo "kept the model card $OUT/README.md: update its figures for the new weights"
+  fi
   du -sh "$OUT"
 fi
