@@ -262,3 +262,27 @@ def test_osum_tiny_preset_builds_from_offline_weights():
     out = model(mel, torch.tensor([mel.shape[1]]), ["Transcribe the audio."], ["and mister john dashwood"])
     assert torch.isfinite(out.loss)
     assert len(model.generate(mel, torch.tensor([mel.shape[1]]), ["Transcribe the audio."])) == 1
+
+
+def test_layer_mix_starts_as_the_top_output_and_reloads_exactly(tiny_model, tmp_path):
+    """adaptor.encoder_layers: a model initialised from one without the mix computes what it did (the
+    projections start at zero); trained, the mix is its own checkpoint group and reloads exactly."""
+    plain = checkpoint.save(tiny_model, tmp_path / "plain")
+    mixed = SpeechLLM(tiny_config("adaptor.encoder_layers=[0,1]")).eval()
+    assert checkpoint.load_weights(mixed, plain) == ["adaptor", "speech_embeds", "lora", "encoder", "llm"]
+    feats, lens = random_features([140, 77], seed=4)
+    with torch.no_grad():
+        before = tiny_model(feats, lens, ["p", "q"], ["target one", "two"]).loss
+        assert torch.equal(mixed(feats, lens, ["p", "q"], ["target one", "two"]).loss, before)
+        _, _, hidden = mixed.encoder.forward_layers(feats, lens, [0, 1])
+        assert [h.shape for h in hidden] == [torch.Size([2, 70, 64])] * 2
+        for proj in mixed.layer_mix.projs:
+            proj.weight.normal_(0, 0.05)
+        after = mixed(feats, lens, ["p", "q"], ["target one", "two"]).loss
+    assert not torch.equal(after, before)  # the lower blocks now reach the adaptor
+    path = checkpoint.save(mixed, tmp_path / "mixed")
+    assert "layer_mix" in json.loads((path / "config.json").read_text())["stored_groups"]
+    with torch.no_grad():
+        assert torch.equal(checkpoint.load(path)(feats, lens, ["p", "q"], ["target one", "two"]).loss, after)
+    with pytest.raises(ValueError, match="encoder_layers"):
+        SpeechLLM(tiny_config("adaptor.encoder_layers=[2]"))

@@ -501,6 +501,9 @@ def export_osum_ckpt(
     if list(cfg.adaptor.conv_strides) != [1, 2, 2] or cfg.adaptor.conv_kernel != 3:
         raise ValueError(f"the reference downsampler is kernel 3, strides [1, 2, 2]; this model has kernel "
                          f"{cfg.adaptor.conv_kernel}, strides {cfg.adaptor.conv_strides}")
+    if cfg.adaptor.encoder_layers:
+        raise ValueError(f"adaptor.encoder_layers {cfg.adaptor.encoder_layers}: the reference adaptor reads the "
+                         "encoder's top output alone and has no place for the layer mix")
     if lay.lora and cfg.lora.enabled and (cfg.lora.r, cfg.lora.alpha) != (8, 32):
         log.warning("LoRA r %d, alpha %d: the reference config must say lora_rank %d, lora_alpha %d to load this",
                     cfg.lora.r, cfg.lora.alpha, cfg.lora.r, cfg.lora.alpha)

@@ -86,3 +86,26 @@ class Adaptor(nn.Module):
         for layer in self.layers:
             x = layer(x, attn_mask)
         return self.proj(self.norm(x)), lens
+
+
+class LayerMix(nn.Module):
+    """Adds lower encoder blocks' outputs to the top one's: each normalised, then through its own projection.
+
+    The projections start at zero, so an adaptor trained on the top output alone starts out unchanged and
+    learns to take from the lower blocks what its losses ask for (the voice: gender, age).
+    """
+
+    def __init__(self, layers: list[int], dim: int):
+        super().__init__()
+        self.layers = list(layers)
+        # skip_init: no draw from the random stream, so adding the mix leaves every other part's init as it was
+        self.projs = nn.ModuleList(nn.utils.skip_init(nn.Linear, dim, dim, bias=False) for _ in self.layers)
+        for proj in self.projs:
+            nn.init.zeros_(proj.weight)
+
+    def forward(self, encoder_out: torch.Tensor, hidden: list[torch.Tensor]) -> torch.Tensor:
+        if len(hidden) != len(self.projs):
+            raise ValueError(f"LayerMix takes blocks {self.layers}, got {len(hidden)} hidden states")
+        for proj, h in zip(self.projs, hidden):
+            encoder_out = encoder_out + proj(F.layer_norm(h, h.shape[-1:]))
+        return encoder_out

@@ -1,6 +1,7 @@
 """Model directories: `config.json` + `model.safetensors` holding what the named base models cannot rebuild.
 
-Saved groups: adaptor and speech embeddings always, LoRA when enabled, encoder / LLM when random or trained.
+Saved groups: adaptor and speech embeddings always, the layer mix and LoRA when configured, encoder / LLM when
+random or trained.
 Loading is strict: a missing or unexpected tensor, or a shape mismatch, is an error naming it.
 """
 from __future__ import annotations
@@ -24,11 +25,13 @@ FORMAT_VERSION = 1
 def group_of(key: str) -> str:
     if "lora_" in key:
         return "lora"
-    return key.split(".", 1)[0]  # encoder | adaptor | speech_embeds | llm
+    return key.split(".", 1)[0]  # encoder | adaptor | layer_mix | speech_embeds | llm
 
 
 def stored_groups(cfg: ModelConfig) -> list[str]:
     groups = ["adaptor", "speech_embeds"]
+    if cfg.adaptor.encoder_layers:
+        groups.append("layer_mix")
     if cfg.lora.enabled:
         groups.append("lora")
     if cfg.encoder.name is None or cfg.encoder.trainable:

@@ -5,6 +5,8 @@ in a batch, and so gives each item the same output alone or batched.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -69,6 +71,15 @@ class WhisperAudioEncoder(nn.Module):
 
     def forward(self, features: torch.Tensor, feature_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, T, n_mels) zero-padded, feature_lens (B,) → encoder_out (B, T', D), encoder_lens (B,)."""
+        out, lens, _ = self.forward_layers(features, feature_lens, ())
+        return out, lens
+
+    def forward_layers(self, features: torch.Tensor, feature_lens: torch.Tensor,
+                       layers: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """`forward`, plus the outputs of the blocks numbered in `layers` (0 = the first; before the final norm)."""
+        bad = [i for i in layers if not 0 <= i < len(self.layers)]
+        if bad:
+            raise ValueError(f"encoder blocks {bad} do not exist: the encoder has blocks 0-{len(self.layers) - 1}")
         B, T, _ = features.shape
         if T > self.max_frames:
             raise ValueError(
@@ -84,9 +95,12 @@ class WhisperAudioEncoder(nn.Module):
         x = x + self.embed_positions.weight[: x.shape[1]].to(x.dtype)
         keep = torch.arange(x.shape[1], device=x.device)[None, :] < encoder_lens[:, None]  # (B, T')
         attn_mask = None if bool(keep.all()) else keep[:, None, None, :]
-        for layer in self.layers:
+        kept = {}
+        for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, attn_mask, use_reentrant=False)
             else:
                 x = layer(x, attn_mask)
-        return self.layer_norm(x), encoder_lens
+            if i in layers:
+                kept[i] = x
+        return self.layer_norm(x), encoder_lens, [kept[i] for i in layers]

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from osum.config import GenerationConfig, ModelConfig
-from osum.model.adaptor import Adaptor
+from osum.model.adaptor import Adaptor, LayerMix
 from osum.model.encoder import WhisperAudioEncoder
 from osum.model.encoder_weights import load_into, read_encoder
 from osum.model.llm import apply_lora, build_llm, load_tokenizer
@@ -75,6 +75,15 @@ class SpeechLLM(nn.Module):
         std = 1.0 if weight.is_meta else weight.float().std().item()
         self.speech_embeds = nn.Parameter(torch.randn(2, hidden) * std)
         self.speech_embeds.requires_grad_(cfg.adaptor.trainable)
+        # Built after the speech embeddings so that their random values do not depend on this option.
+        self.layer_mix = None
+        if cfg.adaptor.encoder_layers:
+            bad = [i for i in cfg.adaptor.encoder_layers if not 0 <= i < len(self.encoder.layers)]
+            if bad or len(set(cfg.adaptor.encoder_layers)) != len(cfg.adaptor.encoder_layers):
+                raise ValueError(f"adaptor.encoder_layers {cfg.adaptor.encoder_layers}: each must be a distinct block "
+                                 f"of the encoder, 0-{len(self.encoder.layers) - 1}")
+            self.layer_mix = LayerMix(cfg.adaptor.encoder_layers, cfg.encoder.d_model)
+            self.layer_mix.requires_grad_(cfg.adaptor.trainable)
         self.llm = apply_lora(llm, cfg.lora, cfg.llm.trainable) if cfg.lora.enabled else llm
         self.prompts = PromptBuilder(self.tokenizer, cfg.prompt.layout, cfg.prompt.system, cfg.prompt.end_token)
 
@@ -91,7 +100,12 @@ class SpeechLLM(nn.Module):
 
     def embed_audio(self, features: torch.Tensor, feature_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """features (B, T, n_mels), feature_lens (B,) → adaptor_out (B, S, H), adaptor_lens (B,)."""
-        encoder_out, encoder_lens = self.encoder(features, feature_lens)
+        if self.layer_mix is None:
+            encoder_out, encoder_lens = self.encoder(features, feature_lens)
+        else:
+            encoder_out, encoder_lens, hidden = self.encoder.forward_layers(features, feature_lens,
+                                                                            self.layer_mix.layers)
+            encoder_out = self.layer_mix(encoder_out, hidden)
         return self.adaptor(encoder_out, encoder_lens)
 
     def _as_prompt_ids(self, prompts: list[str] | list[PromptIds]) -> list[PromptIds]:
