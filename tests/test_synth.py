@@ -11,6 +11,7 @@ import soundfile as sf
 
 from osum import tasks
 from osum.cli import main
+from osum.data.mixture import load_mixture
 from osum.data.shards import read_samples, resolve_sources
 from osum.data.stats import PipelineStats
 from osum.data.synth import align, effects, real, text as textgen, voices
@@ -295,7 +296,10 @@ def test_fake_build_writes_disjoint_labelled_splits_and_reruns_for_free(tmp_path
     assert json.loads((out / "train_real" / "manifest.json").read_text())["samples"] == 2
     sentences = [json.loads(line) for line in (out / "sentences.jsonl").read_text().splitlines()]
     assert all(s["source"].startswith(textgen.SOURCE) and s["split"] in ("train", "test") for s in sentences)
-    assert "mixture.yaml" in {p.name for p in out.iterdir()}
+    mix = load_mixture(out / "mixture.yaml")
+    assert [(d.name, d.task) for d in mix["train"]] == [("synth", None), ("synth-auto", "auto"), ("real", None)]
+    by_family = {p.name: len(p.read_text().splitlines()) for p in out.glob("train_synth_*.jsonl")}
+    assert sum(by_family.values()) == len(train) and by_family["train_synth_ved.jsonl"] > 0
 
     # a second run finds everything done; a second folder with 2 processes gives the same corpus
     again = _build(out, events, utts)

@@ -6,8 +6,9 @@ provenance. Re-running skips utterances whose audio and metadata are already the
 Layout of `out`: train/ and valid/ (synthetic, train voices), train_real/ (real recordings), each osum shards
 + manifest.json; test_synth_<family>.jsonl (held-out voices, sentences and event clips) and test_real.jsonl
 (eval lists for `osum eval --data`); sentences.jsonl (every sentence with its source and split);
-provenance.json; mixture.yaml (a data mixture over the shard folders); audio/ (the per-utterance FLAC +
-JSON the shards are made from, kept so a re-run can skip finished work).
+provenance.json; mixture.yaml (a data mixture over the shard folders); train_synth_<family>.jsonl (the training
+utterances of each family, for mixtures that weight families); audio/ (the per-utterance FLAC + JSON the shards
+are made from, kept so a re-run can skip finished work).
 """
 from __future__ import annotations
 
@@ -568,6 +569,10 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
         manifests["valid"] = _write_split_shards(by_split["valid"], out, "valid", cfg.per_shard)
     if real_records["train"]:
         manifests["train_real"] = _write_split_shards(real_records["train"], out, "train_real", cfg.per_shard)
+    for family in FAMILIES:  # the same training utterances by family, for mixtures that weight families
+        rows = [r["sample"] for r in by_split["train"] if r["job"]["family"] == family]
+        if rows:
+            _write_jsonl(out / f"train_synth_{family}.jsonl", rows)
     test_files = {}
     for family in FAMILIES:
         rows = [eval_row(r["sample"]) for r in by_split["test"] if r["job"]["family"] == family]
@@ -636,11 +641,16 @@ def _write_mixture(out: Path, manifests: dict) -> None:
     lines = ["# A data mixture over this corpus (osum/data/mixture.py); weights are a starting point.", "train:"]
     if "train" in manifests:
         lines.append("  synth: {shards: train/, weight: 1.0}")
+        # Each family's audio differs (event clips, emotional prosody, genre text): trained only on its own task,
+        # a model can tell the task from the audio and ignore the prompt. The same shards with a task drawn
+        # from each sample's labels make it read the prompt.
+        lines.append("  synth-auto: {shards: train/, weight: 1.0, task: auto}")
     if "train_real" in manifests:
-        # The real recordings are few: drawn 3x as often as their share. (An epoch ends when one dataset runs
-        # out, so a larger weight makes epochs shorter; see osum/data/mixture.py.)
+        # The real recordings are few: drawn 3x as often as their share against the two synthetic entries'
+        # total weight of 2. (An epoch ends when one dataset runs out, so a larger weight makes epochs shorter;
+        # see osum/data/mixture.py.)
         share = manifests["train_real"]["samples"] / max(1, manifests.get("train", {}).get("samples", 1))
-        lines.append(f"  real: {{shards: train_real/, weight: {round(min(1.0, 3 * share), 4)}}}")
+        lines.append(f"  real: {{shards: train_real/, weight: {round(min(2.0, 6 * share), 4)}}}")
     if "valid" in manifests:
         lines += ["valid:", "  synth: {shards: valid/}"]
     _atomic_text(out / "mixture.yaml", "\n".join(lines) + "\n")
