@@ -116,10 +116,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from osum.evaluate.run import EvalOptions, evaluate, run_suite
 
     if args.suite:
-        given = [flag for flag, v in (("--model", args.model), ("--data", args.data), ("--task", args.task)) if v]
+        given = [flag for flag, v in (("--data", args.data), ("--task", args.task)) if v]
         if given:
             raise ValueError(f"--suite runs what its file names; leave out {', '.join(given)}")
-        rows, table = run_suite(args.suite, out=args.out)
+        rows, table = run_suite(args.suite, out=args.out, model=args.model)
         print(table.read_text(encoding="utf-8"))
         failed = sum(r["summary"]["counts"]["failed"] for r in rows)
         print(f"osum eval: {len(rows)} runs, {failed} failed utterances; table in {table}", file=sys.stderr)
@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("eval", help="run a model on a test set and score it (or --suite FILE.yaml: many sets)")
-    p.add_argument("--model", default=None, help="model directory or preset name")
+    p.add_argument("--model", default=None,
+                   help="model directory or preset name (with --suite: instead of the suite's own model)")
     p.add_argument("--data", default=None, help="eval JSONL: key, audio and reference fields (see `osum prepare`)")
     p.add_argument("--task", default=None, help="task spec (default: the `task` all rows of --data share)")
     p.add_argument("--out", default=None, help="folder for hyp.jsonl, summary.json, report.md and plots")

@@ -128,6 +128,10 @@ def test_suite_writes_one_table(tmp_path, tiny_model, monkeypatch, bad_audio_fil
     assert aas["ref_words"] == 4 and aas["aligned"] + aas["unaligned_ref"] == 4
     scored = run_score(tmp_path / "bench" / "examples-srwt" / "hyp.jsonl", srwt)
     assert scored["aas"] == aas
+    # the same sets for another model, into another folder
+    rows, table = run_suite(suite, out=tmp_path / "other", model="checkpoint-x")
+    assert {r["model"] for r in rows} == {"checkpoint-x"} and table == tmp_path / "other" / "results.md"
+    assert f"osum eval --suite {suite} --model checkpoint-x --out {tmp_path / 'other'}" in table.read_text()
     with pytest.raises(ValueError, match="unknown keys"):
         bad = tmp_path / "bad.yaml"
         bad.write_text("model: tiny\nruns:\n  - {name: x, data: y, tsak: asr}\n")

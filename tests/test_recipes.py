@@ -64,3 +64,9 @@ def test_osum_tiny_release_suite_agrees_with_run_sh():
         family, task = pair.split(":")
         assert runs[f"synth-{family}"]["task"] == task
         assert runs[f"synth-{family}"]["data"].endswith(f"data/osum-tiny/test_synth_{family}.jsonl")
+
+
+def test_osum_tiny_continuation_mixture_parses():
+    mixture = load_mixture(RECIPE.parent / "osum-tiny" / "mixture-continue.yaml")
+    assert [(d.name, d.task) for d in mixture["train"]][:2] == [("synth", None), ("synth-auto", "auto")]
+    assert all(d.shards.startswith(str(RECIPE.parent / "osum-tiny")) for d in mixture["train"] + mixture["valid"])

@@ -274,8 +274,11 @@ _SUITE_KEYS = {"model", "out", "defaults", "runs"}
 _RUN_KEYS = {"name", "data", "task", "model"}
 
 
-def run_suite(path: str | Path, out: str | Path | None = None) -> tuple[list[dict], Path]:
+def run_suite(path: str | Path, out: str | Path | None = None, model: str | None = None) -> tuple[list[dict], Path]:
     """Run every entry of a suite YAML and write `<out>/<name>/...`, `<out>/results.md` and `results.json`.
+
+    `model` takes the place of the suite's top-level model (`osum eval --suite F --model M`: the same test sets
+    for another checkpoint); runs that name their own model keep it.
 
         model: models/osum-tiny          # default model of every run
         out: results/bench               # relative to this file (or `osum eval --suite F --out DIR`)
@@ -296,6 +299,8 @@ def run_suite(path: str | Path, out: str | Path | None = None) -> tuple[list[dic
     bad = set(defaults) - option_names
     if bad:
         raise ValueError(f"{path}: unknown defaults {sorted(bad)}; valid: {sorted(option_names)}")
+    if model is not None:
+        suite["model"] = model
     runs = suite.get("runs") or []
     if not runs:
         raise ValueError(f"{path}: no runs")
@@ -335,7 +340,9 @@ def run_suite(path: str | Path, out: str | Path | None = None) -> tuple[list[dic
                      "summary": summary})
 
     table = report.suite_table(rows)
-    text = (f"# osum benchmark: {path.name}\n\nRegenerate with `osum eval --suite {path}`. Per-run reports: "
+    again = " ".join(["osum eval --suite", str(path), *(["--model", model] if model else []),
+                      *(["--out", str(out)] if out is not None else [])])
+    text = (f"# osum benchmark: {path.name}\n\nRegenerate with `{again}`. Per-run reports: "
             f"`<name>/report.md`, per-utterance outputs: `<name>/hyp.jsonl`.\n\n{table}")
     report.atomic_write(out_dir / "results.json", json.dumps(rows, ensure_ascii=False, indent=2) + "\n")
     table_path = report.atomic_write(out_dir / "results.md", text)
