@@ -75,7 +75,6 @@ class SpeechLLM(nn.Module):
         std = 1.0 if weight.is_meta else weight.float().std().item()
         self.speech_embeds = nn.Parameter(torch.randn(2, hidden) * std)
         self.speech_embeds.requires_grad_(cfg.adaptor.trainable)
-        # Built after the speech embeddings so that their random values do not depend on this option.
         self.layer_mix = None
         if cfg.adaptor.encoder_layers:
             bad = [i for i in cfg.adaptor.encoder_layers if not 0 <= i < len(self.encoder.layers)]
