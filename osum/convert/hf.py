@@ -109,6 +109,11 @@ def _export_llm(model: SpeechLLM, out_dir: Path, dtype: torch.dtype | None) -> N
     _save_sharded(iter_llm_tensors(model), out_dir, dtype, skip)
 
 
+def _is_own(key: str) -> bool:
+    """A tensor of osum's own parts (adaptor, layer mix, speech embeddings), stored apart from encoder/ and llm/."""
+    return key.startswith(("adaptor.", "layer_mix.")) or key == "speech_embeds"
+
+
 def export_hf(model: SpeechLLM, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """Write the HF-style directory atomically (a temp dir renamed into place); LoRA is folded into the LLM."""
     out_dir = Path(out_dir)
@@ -121,7 +126,7 @@ def export_hf(model: SpeechLLM, out_dir: str | Path, dtype: torch.dtype | None =
     with fileio.atomic_dir(out_dir) as tmp:
         _export_encoder(model, tmp / "encoder", dtype)
         _export_llm(model, tmp / "llm", dtype)
-        own = {k: v for k, v in model.state_dict().items() if k.startswith(("adaptor.", "layer_mix.")) or k == "speech_embeds"}
+        own = {k: v for k, v in model.state_dict().items() if _is_own(k)}
         save_file({k: v.contiguous() for k, v in own.items()}, str(tmp / ADAPTOR_FILE), metadata={"format": "pt"})
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": cfg.to_dict()}
         (tmp / MARKER).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -143,7 +148,7 @@ def load_hf_export(path: str | Path, device: str | torch.device = "cpu") -> Spee
     cfg.encoder.name = str((path / "encoder").resolve())
     cfg.llm.name = str((path / "llm").resolve())
     model = SpeechLLM(cfg)
-    expected = {k: v for k, v in model.state_dict().items() if k.startswith(("adaptor.", "layer_mix.")) or k == "speech_embeds"}
+    expected = {k: v for k, v in model.state_dict().items() if _is_own(k)}
     with safe_open(str(path / ADAPTOR_FILE), framework="pt") as f:
         found = set(f.keys())
         missing, unexpected = sorted(set(expected) - found), sorted(found - set(expected))
