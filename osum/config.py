@@ -73,6 +73,10 @@ class AdaptorConfig:
     # drops much of the voice; pooled linear probes on whisper-base find gender in blocks 0-2 of unseen voices
     # nearly always, in the top output four times in five. [] = the top output alone (Whisper, OSUM).
     encoder_layers: list[int] = field(default_factory=list)
+    # Encoder blocks whose mean and spread over the utterance make one extra LLM position before the audio
+    # (osum/model/adaptor.py VoiceSummary): gender or age belong to the whole utterance, and frame by frame the
+    # LLM must learn to pool them itself from one tag token's gradient. [] = no such position (Whisper, OSUM).
+    summary_layers: list[int] = field(default_factory=list)
     # Keep the position table in the checkpoint instead of recomputing it: OSUM's infer.pt stores it
     # bf16-rounded, and exact parity needs those values.
     store_positions: bool = False

@@ -286,3 +286,35 @@ def test_layer_mix_starts_as_the_top_output_and_reloads_exactly(tiny_model, tmp_
         assert torch.equal(checkpoint.load(path)(feats, lens, ["p", "q"], ["target one", "two"]).loss, after)
     with pytest.raises(ValueError, match="encoder_layers"):
         SpeechLLM(tiny_config("adaptor.encoder_layers=[2]"))
+
+
+def test_voice_summary_is_one_position_from_valid_frames_and_reloads_exactly(tiny_model, tmp_path):
+    """adaptor.summary_layers: one extra audio position before the adaptor's frames, pooled over valid frames
+    only (a padded item gets what it gets alone), initialised strictly from a plain checkpoint (as a constant,
+    the projection at zero), its own checkpoint group, reloaded exactly; CTC still reads the frames alone."""
+    plain = checkpoint.save(tiny_model, tmp_path / "plain")
+    model = SpeechLLM(tiny_config("adaptor.summary_layers=[0,1]")).eval()
+    assert checkpoint.load_weights(model, plain) == ["adaptor", "speech_embeds", "lora", "encoder", "llm"]
+    feats, lens = random_features([140, 77], seed=5)
+    with torch.no_grad():
+        frames, frame_lens = tiny_model.embed_audio(feats, lens)
+        positions, position_lens = model.embed_audio(feats, lens)
+        assert torch.equal(position_lens, frame_lens + 1)
+        assert torch.equal(positions[:, 1:], frames)  # the adaptor's frames are unchanged, one place later
+        assert torch.allclose(positions[0, 0], positions[1, 0])  # a constant until the projection moves
+        model.summary.proj.weight.normal_(0, 0.05)
+        positions, _ = model.embed_audio(feats, lens)
+        assert not torch.allclose(positions[0, 0], positions[1, 0])
+        alone, _ = model.embed_audio(feats[1:, :77], lens[1:])
+        assert torch.allclose(alone[0, 0], positions[1, 0], atol=1e-5)
+        transcripts = [[5, 6, 7], [8, 9]]
+        with_summary = model(feats, lens, ["p", "q"], ["target one", "two"], transcripts=transcripts)
+        without = tiny_model(feats, lens, ["p", "q"], ["target one", "two"], transcripts=transcripts)
+        assert torch.equal(with_summary.ctc_loss, without.ctc_loss)
+    path = checkpoint.save(model, tmp_path / "summary")
+    assert "summary" in json.loads((path / "config.json").read_text())["stored_groups"]
+    with torch.no_grad():
+        again = checkpoint.load(path)(feats, lens, ["p", "q"], ["target one", "two"]).loss
+        assert torch.equal(again, model(feats, lens, ["p", "q"], ["target one", "two"]).loss)
+    with pytest.raises(ValueError, match="summary_layers"):
+        SpeechLLM(tiny_config("adaptor.summary_layers=[1,1]"))

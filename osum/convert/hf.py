@@ -110,8 +110,9 @@ def _export_llm(model: SpeechLLM, out_dir: Path, dtype: torch.dtype | None) -> N
 
 
 def _is_own(key: str) -> bool:
-    """A tensor of osum's own parts (adaptor, layer mix, speech embeddings), stored apart from encoder/ and llm/."""
-    return key.startswith(("adaptor.", "layer_mix.")) or key == "speech_embeds"
+    """A tensor of osum's own parts (adaptor, layer mix, voice summary, speech embeddings), stored apart from
+    encoder/ and llm/."""
+    return key.startswith(("adaptor.", "layer_mix.", "summary.")) or key == "speech_embeds"
 
 
 def export_hf(model: SpeechLLM, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:

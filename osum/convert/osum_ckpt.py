@@ -504,6 +504,9 @@ def export_osum_ckpt(
     if cfg.adaptor.encoder_layers:
         raise ValueError(f"adaptor.encoder_layers {cfg.adaptor.encoder_layers}: the reference adaptor reads the "
                          "encoder's top output alone and has no place for the layer mix")
+    if cfg.adaptor.summary_layers:
+        raise ValueError(f"adaptor.summary_layers {cfg.adaptor.summary_layers}: the reference model has no "
+                         "voice summary position before the audio")
     if lay.lora and cfg.lora.enabled and (cfg.lora.r, cfg.lora.alpha) != (8, 32):
         log.warning("LoRA r %d, alpha %d: the reference config must say lora_rank %d, lora_alpha %d to load this",
                     cfg.lora.r, cfg.lora.alpha, cfg.lora.r, cfg.lora.alpha)

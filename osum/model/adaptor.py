@@ -109,3 +109,38 @@ class LayerMix(nn.Module):
         for proj, h in zip(self.projs, hidden):
             encoder_out = encoder_out + proj(F.layer_norm(h, h.shape[-1:]))
         return encoder_out
+
+
+class VoiceSummary(nn.Module):
+    """One LLM position from the whole utterance: each chosen block's output, normalised per frame, pooled to
+    its mean and standard deviation over the valid frames, projected to the LLM width and normalised to the
+    scale of its embeddings.
+
+    The projection starts at zero, so the position begins as a learned constant (like speech-begin) and the
+    pooled voice enters it as the tags' losses ask. Padding never reaches it: only valid frames are pooled.
+    """
+
+    def __init__(self, layers: list[int], enc_dim: int, llm_dim: int):
+        super().__init__()
+        self.layers = list(layers)
+        # skip_init: no draw from the random stream (see LayerMix); `base` and `norm` are set by the caller
+        self.proj = nn.utils.skip_init(nn.Linear, 2 * enc_dim * len(self.layers), llm_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+        self.base = nn.Parameter(torch.zeros(llm_dim))
+        self.norm = nn.LayerNorm(llm_dim)
+
+    def forward(self, hidden: list[torch.Tensor], lens: torch.Tensor) -> torch.Tensor:
+        """hidden: the blocks' outputs (B, T', D_enc) each, lens (B,) valid frames → (B, D_llm)."""
+        if len(hidden) != len(self.layers):
+            raise ValueError(f"VoiceSummary takes blocks {self.layers}, got {len(hidden)} hidden states")
+        T = hidden[0].shape[1]
+        mask = (torch.arange(T, device=lens.device)[None, :] < lens[:, None]).float()[..., None]  # (B, T', 1)
+        count = mask.sum(1).clamp(min=1)
+        stats = []
+        for h in hidden:
+            h = F.layer_norm(h.float(), h.shape[-1:])
+            mean = (h * mask).sum(1) / count
+            var = (((h - mean[:, None]) ** 2) * mask).sum(1) / count
+            stats += [mean, (var + 1e-6).sqrt()]  # the epsilon keeps the gradient finite for a one-frame input
+        x = torch.cat(stats, -1).to(self.proj.weight.dtype)
+        return self.norm(self.proj(x) + self.base)

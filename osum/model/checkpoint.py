@@ -25,13 +25,15 @@ FORMAT_VERSION = 1
 def group_of(key: str) -> str:
     if "lora_" in key:
         return "lora"
-    return key.split(".", 1)[0]  # encoder | adaptor | layer_mix | speech_embeds | llm
+    return key.split(".", 1)[0]  # encoder | adaptor | layer_mix | summary | speech_embeds | llm
 
 
 def stored_groups(cfg: ModelConfig) -> list[str]:
     groups = ["adaptor", "speech_embeds"]
     if cfg.adaptor.encoder_layers:
         groups.append("layer_mix")
+    if cfg.adaptor.summary_layers:
+        groups.append("summary")
     if cfg.lora.enabled:
         groups.append("lora")
     if cfg.encoder.name is None or cfg.encoder.trainable:

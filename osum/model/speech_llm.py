@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from osum.config import GenerationConfig, ModelConfig
-from osum.model.adaptor import Adaptor, LayerMix
+from osum.model.adaptor import Adaptor, LayerMix, VoiceSummary
 from osum.model.encoder import WhisperAudioEncoder
 from osum.model.encoder_weights import load_into, read_encoder
 from osum.model.llm import apply_lora, build_llm, load_tokenizer
@@ -77,13 +77,19 @@ class SpeechLLM(nn.Module):
         self.speech_embeds.requires_grad_(cfg.adaptor.trainable)
         self.layer_mix = None
         if cfg.adaptor.encoder_layers:
-            bad = [i for i in cfg.adaptor.encoder_layers if not 0 <= i < len(self.encoder.layers)]
-            if bad or len(set(cfg.adaptor.encoder_layers)) != len(cfg.adaptor.encoder_layers):
-                raise ValueError(f"adaptor.encoder_layers {cfg.adaptor.encoder_layers}: each must be a distinct block "
-                                 f"of the encoder, 0-{len(self.encoder.layers) - 1}")
+            self._check_blocks("encoder_layers", cfg.adaptor.encoder_layers)
             self.layer_mix = LayerMix(cfg.adaptor.encoder_layers, cfg.encoder.d_model)
             self.layer_mix.requires_grad_(cfg.adaptor.trainable)
         self.llm = apply_lora(llm, cfg.lora, cfg.llm.trainable) if cfg.lora.enabled else llm
+        self.summary = None
+        if cfg.adaptor.summary_layers:
+            # Built last: its one random draw then leaves every other part's initialisation as it was.
+            self._check_blocks("summary_layers", cfg.adaptor.summary_layers)
+            self.summary = VoiceSummary(cfg.adaptor.summary_layers, cfg.encoder.d_model, hidden)
+            with torch.no_grad():
+                self.summary.base.normal_(0, std)
+                self.summary.norm.weight.fill_(std)
+            self.summary.requires_grad_(cfg.adaptor.trainable)
         self.prompts = PromptBuilder(self.tokenizer, cfg.prompt.layout, cfg.prompt.system, cfg.prompt.end_token)
 
     # ---- pieces -------------------------------------------------------------------------------
@@ -97,15 +103,37 @@ class SpeechLLM(nn.Module):
         """The HF causal LM (LoRA layers live inside it when enabled)."""
         return self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
 
+    def _check_blocks(self, name: str, layers: list[int]) -> None:
+        bad = [i for i in layers if not 0 <= i < len(self.encoder.layers)]
+        if bad or len(set(layers)) != len(layers):
+            raise ValueError(f"adaptor.{name} {layers}: each must be a distinct block of the encoder, "
+                             f"0-{len(self.encoder.layers) - 1}")
+
+    def _encode(self, features: torch.Tensor, feature_lens: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """→ adaptor_out (B, S, H), adaptor_lens (B,), and the voice summary (B, H) when configured."""
+        wanted = sorted({*(self.layer_mix.layers if self.layer_mix else ()), *(self.summary.layers if self.summary else ())})
+        encoder_out, encoder_lens, hidden = self.encoder.forward_layers(features, feature_lens, wanted)
+        blocks = dict(zip(wanted, hidden))
+        if self.layer_mix is not None:
+            encoder_out = self.layer_mix(encoder_out, [blocks[i] for i in self.layer_mix.layers])
+        adaptor_out, adaptor_lens = self.adaptor(encoder_out, encoder_lens)
+        summary = None
+        if self.summary is not None:
+            summary = self.summary([blocks[i] for i in self.summary.layers], encoder_lens)
+        return adaptor_out, adaptor_lens, summary
+
+    @staticmethod
+    def _audio_positions(adaptor_out: torch.Tensor, adaptor_lens: torch.Tensor,
+                         summary: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LLM's audio positions: the summary (when there is one) first, then the adaptor's frames."""
+        if summary is None:
+            return adaptor_out, adaptor_lens
+        return torch.cat([summary[:, None].to(adaptor_out.dtype), adaptor_out], 1), adaptor_lens + 1
+
     def embed_audio(self, features: torch.Tensor, feature_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """features (B, T, n_mels), feature_lens (B,) → adaptor_out (B, S, H), adaptor_lens (B,)."""
-        if self.layer_mix is None:
-            encoder_out, encoder_lens = self.encoder(features, feature_lens)
-        else:
-            encoder_out, encoder_lens, hidden = self.encoder.forward_layers(features, feature_lens,
-                                                                            self.layer_mix.layers)
-            encoder_out = self.layer_mix(encoder_out, hidden)
-        return self.adaptor(encoder_out, encoder_lens)
+        """features (B, T, n_mels), feature_lens (B,) → the LLM's audio positions (B, S, H) and their counts (B,)."""
+        return self._audio_positions(*self._encode(features, feature_lens))
 
     def _as_prompt_ids(self, prompts: list[str] | list[PromptIds]) -> list[PromptIds]:
         return [p if isinstance(p, PromptIds) else self.prompts.prompt_ids(p) for p in prompts]
@@ -167,7 +195,7 @@ class SpeechLLM(nn.Module):
         only the CTC loss is computed (`loss` is then 0 over 0 tokens)."""
         if not lm and transcripts is None:
             raise ValueError("lm=False needs transcripts: there would be no loss at all")
-        adaptor_out, adaptor_lens = self.embed_audio(features, feature_lens)
+        adaptor_out, adaptor_lens, summary = self._encode(features, feature_lens)
         ctc = greedy = None
         if transcripts is not None:
             ctc_logits = self.ctc_logits(adaptor_out)  # once, for the loss and (in eval mode) the greedy transcripts
@@ -176,7 +204,8 @@ class SpeechLLM(nn.Module):
         if not lm:
             return ForwardOutput(loss=ctc.new_zeros(()), num_tokens=0, ctc_loss=ctc, ctc_greedy=greedy)
         target_ids = [self.prompts.target_ids(t) if isinstance(t, str) else list(t) for t in targets]
-        batch = self.assemble(adaptor_out, adaptor_lens, self._as_prompt_ids(prompts), target_ids)
+        batch = self.assemble(*self._audio_positions(adaptor_out, adaptor_lens, summary),
+                              self._as_prompt_ids(prompts), target_ids)
         base = self.base_llm
         hidden = base.get_decoder()(
             inputs_embeds=batch.inputs_embeds,
