@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationConfig as HFGenerationConfig
-from transformers import PreTrainedTokenizerBase, StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from osum.config import GenerationConfig, ModelConfig
@@ -281,7 +281,6 @@ class SpeechLLM(nn.Module):
             max_new_tokens=gen.max_new_tokens,
             num_beams=gen.num_beams,
             do_sample=gen.do_sample,
-            repetition_penalty=gen.repetition_penalty,
             length_penalty=gen.length_penalty,
             eos_token_id=self.stop_ids(gen),
             pad_token_id=self.tokenizer.pad_token_id,
@@ -314,6 +313,8 @@ class SpeechLLM(nn.Module):
             inputs_embeds=batch.inputs_embeds,
             attention_mask=batch.attention_mask,
             generation_config=self.hf_generation_config(gen),
+            logits_processor=LogitsProcessorList(
+                [RepetitionPenalty(gen.repetition_penalty)] if gen.repetition_penalty != 1.0 else []),
             streamer=streamer,
             stopping_criteria=stopping_criteria,
         )
@@ -347,6 +348,27 @@ class SpeechLLM(nn.Module):
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+
+class RepetitionPenalty(LogitsProcessor):
+    """CTRL's repetition penalty on every token generated so far (the prompt and audio are embeddings, not ids).
+
+    transformers' own processor skips, in each row, as many generated tokens as that row has left padding (it
+    takes input_ids to hold the prompt, which with inputs_embeds they do not), so a row in a padded batch would
+    be penalised differently from the same row alone.
+    """
+
+    def __init__(self, penalty: float):
+        if not penalty > 0:
+            raise ValueError(f"generation.repetition_penalty must be positive, got {penalty}")
+        self.penalty = penalty
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] == 0:
+            return scores
+        seen = scores.gather(1, input_ids)
+        seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
+        return scores.scatter(1, input_ids, seen)
 
 
 def _repeats(tokens: list[int]) -> int:
