@@ -146,6 +146,12 @@ class GenerationConfig:
     seed: int | None = None
     # Extra tokens that end generation, besides the layout's end token and the tokenizer's eos.
     stop_tokens: list[str] = field(default_factory=list)
+    # A guard against loops, as openai/whisper's: an output whose text compresses (zlib) by more than this ratio
+    # ("a kind of a kind of ...") is decoded again with each repetition penalty below in turn until one stays
+    # under it; the least repetitive try is kept. Offline batches only (osum infer/eval, Engine): a stream is
+    # already sent. None = off. Greedy outputs of normal speech stay under 2; the loops seen reach 5-10.
+    compression_ratio_threshold: float | None = 2.4
+    fallback_repetition_penalties: list[float] = field(default_factory=lambda: [1.1, 1.3])
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import soundfile as sf
 
 from osum import tasks
 from osum.audio import load_audio
-from osum.infer.engine import Engine, Piece, merge
+from osum.infer.engine import Engine, Piece, compression_ratio, merge
 from tests.test_model import diversify
 
 EXAMPLE = "examples/librivox_mister_john_dashwood.wav"
@@ -51,6 +52,42 @@ def test_batched_equals_one_at_a_time(varied_model):
     single = Engine(varied_model, max_batch_size=1).run(clips, task="asr")
     assert [r["raw"] for r in batched] == [r["raw"] for r in single]
     assert len({r["raw"] for r in batched}) == len(clips)  # distinct outputs: the comparison means something
+    # With a repetition penalty too: transformers' own would skip a padded row's first generated tokens.
+    penalised = dataclasses.replace(varied_model.config.generation, repetition_penalty=1.1,
+                                    compression_ratio_threshold=None)
+    batched = Engine(varied_model, max_batch_size=4, generation=penalised).run(clips, task="asr")
+    single = Engine(varied_model, max_batch_size=1, generation=penalised).run(clips, task="asr")
+    assert [r["raw"] for r in batched] == [r["raw"] for r in single]
+
+
+def test_looping_outputs_are_decoded_again_with_a_repetition_penalty(tiny_model, monkeypatch):
+    """Only the output that loops is decoded again, with each fallback penalty in turn until one does not loop;
+    the guard off, the first output stays."""
+    calls = []
+
+    def fake_generate(features, lens, prompts, generation):
+        calls.append((len(prompts), generation.repetition_penalty))
+        loops = generation.repetition_penalty < 1.3
+        return ["a kind of " * 40 if loops and n == int(lens.max()) else "a plain answer" for n in lens.tolist()]
+
+    monkeypatch.setattr(tiny_model, "generate", fake_generate)
+    clips = ["examples/librivox_mister_john_dashwood.wav", "examples/espeak_female_weather.wav"]
+    durations = [len(load_audio(c)) for c in clips]
+    engine = Engine(tiny_model)
+    results = engine.run(clips, task="asr")
+    assert calls == [(2, 1.0), (1, 1.1), (1, 1.3)] and engine.stats.redecoded == 1
+    assert [r["text"] for r in results] == ["a plain answer"] * 2
+    calls.clear()
+    off = dataclasses.replace(tiny_model.config.generation, compression_ratio_threshold=None)
+    results = Engine(tiny_model, generation=off).run(clips, task="asr")
+    assert calls == [(2, 1.0)]
+    longest = durations.index(max(durations))
+    assert results[longest]["text"].startswith("a kind of a kind of")
+
+
+def test_compression_ratio_tells_a_loop_from_prose():
+    prose = "Press one to record your unavailable message, press two to record your busy message."
+    assert compression_ratio(prose) < 2.0 < 2.4 < compression_ratio("a kind of " * 30) and compression_ratio("") == 0
 
 
 def test_frame_budget_batches():

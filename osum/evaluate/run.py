@@ -257,7 +257,7 @@ def evaluate(model, data: str | Path, task: str | None, out: str | Path, options
         "max_new_tokens": gen.max_new_tokens, "batch_size": options.batch_size, "device": options.device,
         "utterances_in_data": total_rows, "limit": options.limit, "audio_seconds": round(audio_s, 2),
         "wall_seconds": round(wall, 2), "rtf": round(wall / audio_s, 4) if audio_s else None,
-        "osum_version": osum.__version__,
+        "redecoded": engine.stats.redecoded, "osum_version": osum.__version__,
     }
     if command is None:
         command = " ".join(["osum", "eval", "--model", model_name, "--data", str(data), "--task", str(spec),

@@ -5,7 +5,9 @@ One bad input yields a result with an `error` and never stops the others; nothin
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -44,6 +46,13 @@ class EngineStats:
     batches: int = 0
     audio_seconds: float = 0.0
     batch_sizes: list[int] = field(default_factory=list)
+    redecoded: int = 0  # pieces decoded again because their first output looped (compression_ratio_threshold)
+
+
+def compression_ratio(text: str) -> float:
+    """Bytes of the text over bytes of its zlib compression: about 1 for prose, far above for a loop."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
 def _key_of(source: Source, index: int) -> str:
@@ -104,16 +113,32 @@ class Engine:
         if batch:
             yield batch
 
-    def _generate(self, batch: list[Piece], prompt: str) -> None:
+    def _decode(self, batch: list[Piece], prompt: str, generation: GenerationConfig) -> list[str]:
         feats = [p.features for p in batch]
         lens = torch.tensor([f.shape[0] for f in feats])
         padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)  # (B, T, n_mels)
         device = self.model.device
-        texts = self.model.generate(padded.to(device), lens.to(device), [prompt] * len(batch), self.generation)
-        for piece, text in zip(batch, texts):
+        return self.model.generate(padded.to(device), lens.to(device), [prompt] * len(batch), generation)
+
+    def _generate(self, batch: list[Piece], prompt: str) -> None:
+        for piece, text in zip(batch, self._decode(batch, prompt, self.generation)):
             piece.text = text
         self.stats.batches += 1
         self.stats.batch_sizes.append(len(batch))
+        limit = self.generation.compression_ratio_threshold
+        looped = [p for p in batch if limit is not None and compression_ratio(p.text) > limit]
+        if looped:
+            self.stats.redecoded += len(looped)
+            log.info("%d of %d outputs repeat themselves (compression ratio > %s): decoding them again",
+                     len(looped), len(batch), limit)
+        for penalty in self.generation.fallback_repetition_penalties:
+            if not looped:
+                break
+            retry = dataclasses.replace(self.generation, repetition_penalty=penalty)
+            for piece, text in zip(looped, self._decode(looped, prompt, retry)):
+                if compression_ratio(text) < compression_ratio(piece.text):
+                    piece.text = text
+            looped = [p for p in looped if compression_ratio(p.text) > limit]
 
     def run(self, inputs: list[Source] | list[tuple[str, Source]], task: str = "asr", prompt: str | None = None) -> list[dict]:
         return list(self.iter_run(inputs, task=task, prompt=prompt))
