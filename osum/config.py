@@ -308,6 +308,9 @@ class TrainConfig:
     # Weight of the LLM's loss. 0 with ctc_weight > 0 is a CTC-only warm-up of the adaptor: training steps skip
     # the LLM (several times faster a step); validation still scores the LLM's loss.
     lm_weight: float = 1.0
+    # Weight of the voice summary's loss (model.adaptor.summary_layers; SpeechLLM.summary_loss): the summary
+    # position is pushed towards the LLM's embeddings of the sample's tags. 0 = off.
+    summary_weight: float = 0.0
     out_dir: str = "exp/run"
     max_steps: int = 1000
     precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on CUDA, with loss scaling)
@@ -322,6 +325,10 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        if self.summary_weight < 0:
+            raise ValueError(f"summary_weight must be >= 0, got {self.summary_weight}")
+        if self.summary_weight > 0 and not self.model.adaptor.summary_layers:
+            raise ValueError("summary_weight > 0 needs a voice summary: set model.adaptor.summary_layers")
         if self.ctc_weight < 0 or self.lm_weight < 0:
             raise ValueError(f"ctc_weight and lm_weight must be >= 0, got {self.ctc_weight} and {self.lm_weight}")
         if self.ctc_weight == 0 and self.lm_weight == 0:

@@ -24,12 +24,15 @@ SPEC = tasks.parse_spec("asr+sgc")
 PROMPT = tasks.default_prompt(SPEC)
 
 
-def fake_loader(batch_size: int = 4):
+def fake_loader(batch_size: int = 4, voices: bool = False):
     """Deterministic stand-in for osum.data.pipeline.build_loader: 8 utterances of random features,
-    shuffled per epoch, split across ranks."""
+    shuffled per epoch, split across ranks. `voices`: each utterance's frames share a random offset of their
+    own, as a voice colours every frame (pooled over time, plain noise looks the same in every utterance)."""
 
     def build(data, split, prompts, n_mels, epoch, rank, world_size):
         feats = [torch.randn(60 + 7 * i, n_mels, generator=torch.Generator().manual_seed(i)) for i in range(len(TARGETS))]
+        if voices:
+            feats = [f + torch.randn(n_mels, generator=torch.Generator().manual_seed(100 + i)) for i, f in enumerate(feats)]
         order = torch.randperm(len(TARGETS), generator=torch.Generator().manual_seed(epoch)).tolist()
         if split == "valid":
             order = list(range(len(TARGETS)))
@@ -48,6 +51,7 @@ def fake_loader(batch_size: int = 4):
                 "target_ids": target_ids,
                 "transcript_ids": [prompts.encode(TARGETS[i][0]) for i in idx],
                 "tasks": [str(SPEC)] * len(idx),
+                "labels": [{"gender": TARGETS[i][1]} for i in idx],
                 "audio_seconds": sum(feats[i].shape[0] for i in idx) / 100,
                 "num_target_tokens": sum(len(t) for t in target_ids),
             }
@@ -144,6 +148,25 @@ def test_ctc_weight_adds_the_adaptor_ctc_loss(tmp_path):
         train_config(tmp_path, ctc_weight=-1.0)
     with pytest.raises(ValueError, match="nothing to train"):
         train_config(tmp_path, lm_weight=0.0)
+
+
+def test_summary_weight_teaches_the_summary_position_the_tags(tmp_path):
+    """With summary_weight the voice summary's loss is logged and learned: afterwards the summary position of
+    each training utterance is nearest to the LLM's embedding of its own gender tag."""
+    cfg = train_config(tmp_path, "adaptor.summary_layers=[0,1]", max_steps=40, save_every=0, summary_weight=1.0)
+    trainer = Trainer(cfg, fake_loader(batch_size=8, voices=True))
+    records = trainer.train()
+    losses = [r["summary_loss"] for r in records]
+    assert losses[-1] < 0.2 * losses[0], losses
+    model = trainer.model.eval()
+    batch = next(iter(fake_loader(batch_size=8, voices=True)(None, "valid", model.prompts, 80, 0, 0, 1)))
+    with torch.no_grad():
+        positions, _ = model.embed_audio(batch["features"], batch["feature_lens"])
+        tags = model.tag_vectors("gender").float()
+        guess = (positions[:, 0].float() @ (tags - tags.mean(0)).T).argmax(-1).tolist()
+    assert [tasks.LABELS["gender"][g] for g in guess] == [g for _, g in TARGETS]
+    with pytest.raises(ValueError, match="summary_layers"):
+        train_config(tmp_path, summary_weight=1.0)
 
 
 def test_ctc_only_warm_up_skips_the_llm(tmp_path):

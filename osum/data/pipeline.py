@@ -368,6 +368,7 @@ def collate(batch: list[Item]) -> dict[str, Any]:
         "target_ids": [item.target_ids for item in batch],
         "transcript_ids": [item.transcript_ids for item in batch],
         "tasks": [item.spec for item in batch],
+        "labels": [item.sample.labels() for item in batch],  # every tag field a sample has, whatever its task
         "audio_seconds": float(sum(item.seconds for item in batch)),
         "num_target_tokens": int(sum(len(item.target_ids) for item in batch)),
     }

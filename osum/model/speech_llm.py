@@ -15,6 +15,7 @@ from transformers import GenerationConfig as HFGenerationConfig
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from osum import tasks
 from osum.config import GenerationConfig, ModelConfig
 from osum.model.adaptor import Adaptor, LayerMix, VoiceSummary
 from osum.model.encoder import WhisperAudioEncoder
@@ -37,12 +38,17 @@ class Batch:
     labels: torch.Tensor | None  # (B, L), IGNORE_INDEX outside the targets
 
 
+# Cosine similarities are at most 1: this scale lets the summary loss reach a confident, near-zero value.
+SUMMARY_SCALE = 10.0
+
+
 @dataclass
 class ForwardOutput:
     loss: torch.Tensor  # mean over supervised tokens
     num_tokens: int
     ctc_loss: torch.Tensor | None = None  # per transcript token, when transcripts were given
     ctc_greedy: list[list[int]] | None = None  # in eval mode with transcripts: each item's greedy CTC tokens
+    summary_loss: torch.Tensor | None = None  # with labels and a voice summary: see SpeechLLM.summary_loss
 
 
 class SpeechLLM(nn.Module):
@@ -189,10 +195,12 @@ class SpeechLLM(nn.Module):
         targets: list[str] | list[list[int]],
         transcripts: list[list[int]] | None = None,
         lm: bool = True,
+        labels: list[dict[str, str]] | None = None,
     ) -> ForwardOutput:
         """Mean cross-entropy over target tokens (and their end token) only; with `transcripts` (token ids of
-        what each item says) also the adaptor's CTC loss against them (see `ctc_loss`). lm=False skips the LLM:
-        only the CTC loss is computed (`loss` is then 0 over 0 tokens)."""
+        what each item says) also the adaptor's CTC loss against them (see `ctc_loss`); with `labels` (each item's
+        tag fields) and a voice summary, `summary_loss`. lm=False skips the LLM: only the CTC loss is computed
+        (`loss` is then 0 over 0 tokens)."""
         if not lm and transcripts is None:
             raise ValueError("lm=False needs transcripts: there would be no loss at all")
         adaptor_out, adaptor_lens, summary = self._encode(features, feature_lens)
@@ -201,8 +209,10 @@ class SpeechLLM(nn.Module):
             ctc_logits = self.ctc_logits(adaptor_out)  # once, for the loss and (in eval mode) the greedy transcripts
             ctc = self.ctc_loss(ctc_logits, adaptor_lens, transcripts)
             greedy = None if self.training else self.ctc_greedy(ctc_logits, adaptor_lens)
+        summary_loss = self.summary_loss(summary, labels) if summary is not None and labels is not None else None
         if not lm:
-            return ForwardOutput(loss=ctc.new_zeros(()), num_tokens=0, ctc_loss=ctc, ctc_greedy=greedy)
+            return ForwardOutput(loss=ctc.new_zeros(()), num_tokens=0, ctc_loss=ctc, ctc_greedy=greedy,
+                                 summary_loss=summary_loss)
         target_ids = [self.prompts.target_ids(t) if isinstance(t, str) else list(t) for t in targets]
         batch = self.assemble(*self._audio_positions(adaptor_out, adaptor_lens, summary),
                               self._as_prompt_ids(prompts), target_ids)
@@ -218,7 +228,42 @@ class SpeechLLM(nn.Module):
         keep = shift_labels != IGNORE_INDEX
         logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()  # (N, V)
         loss = F.cross_entropy(logits, shift_labels[keep])
-        return ForwardOutput(loss=loss, num_tokens=int(keep.sum()), ctc_loss=ctc, ctc_greedy=greedy)
+        return ForwardOutput(loss=loss, num_tokens=int(keep.sum()), ctc_loss=ctc, ctc_greedy=greedy,
+                             summary_loss=summary_loss)
+
+    def tag_vectors(self, field: str) -> torch.Tensor:
+        """(C, H): each label of a tag field as the LLM reads its tag (`<male>`): the mean of its tokens' input
+        embeddings, detached (a fixed target, even when the LLM's embeddings train)."""
+        embed = self.base_llm.get_input_embeddings().weight
+        rows = []
+        for label in tasks.LABELS[field]:
+            ids = self.tokenizer(f"<{label}>", add_special_tokens=False).input_ids
+            rows.append(embed[torch.tensor(ids, device=embed.device)].mean(0))
+        return torch.stack(rows).detach()
+
+    def summary_loss(self, summary: torch.Tensor, labels: list[dict[str, str]]) -> torch.Tensor | None:
+        """Mean cross-entropy over each item's labelled tag fields, the summary position scored against the LLM's
+        own embeddings of the field's tags (`tag_vectors`, less their mean, so that what all of a field's tags
+        share counts for nothing) by cosine similarity: the position turns towards the words the target will say
+        (`<female>`, `<child>`), as the CTC loss pushes each frame towards the word spoken there. Cosine, not the
+        dot product, so the scale of the LLM's embeddings does not set how hard the loss can pull. One position
+        carries several fields at once: their tags' directions are nearly orthogonal. None when no item has a
+        label of a known vocabulary."""
+        if len(labels) != summary.shape[0]:
+            raise ValueError(f"labels for {len(labels)} items, summary for {summary.shape[0]}")
+        total, count = summary.new_zeros((), dtype=torch.float32), 0
+        for field in tasks.TAG_FIELDS:
+            vocab = tasks.LABELS[field]
+            rows = [(i, vocab.index(item[field])) for i, item in enumerate(labels) if item.get(field) in vocab]
+            if not rows:
+                continue
+            index, target = zip(*rows)
+            tags = self.tag_vectors(field).float()
+            tags = F.normalize(tags - tags.mean(0), dim=-1)
+            logits = SUMMARY_SCALE * F.normalize(summary[list(index)].float(), dim=-1) @ tags.T  # (N, C)
+            total = total + F.cross_entropy(logits, torch.tensor(target, device=logits.device), reduction="sum")
+            count += len(rows)
+        return total / count if count else None
 
     @property
     def ctc_blank_id(self) -> int:

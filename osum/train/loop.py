@@ -228,7 +228,8 @@ class Trainer:
         dev = self.info.device
         with self._autocast():
             return self.engine(batch["features"].to(dev), batch["feature_lens"].to(dev), batch["prompt_ids"],
-                               batch["target_ids"], transcripts=batch["transcript_ids"] if ctc else None, lm=lm)
+                               batch["target_ids"], transcripts=batch["transcript_ids"] if ctc else None, lm=lm,
+                               labels=batch["labels"] if self.cfg.summary_weight > 0 else None)
 
     def train(self, until: int | None = None) -> list[dict]:
         """Run to cfg.max_steps (or stop early after step `until`, with a checkpoint there); return step records."""
@@ -245,7 +246,7 @@ class Trainer:
         self.engine.train()
         while self.step < stop:
             t0 = time.perf_counter()
-            loss_sum = tokens = audio = ctc_sum = 0.0
+            loss_sum = tokens = audio = ctc_sum = summary_sum = 0.0
             for _ in range(cfg.optim.accum_steps):
                 batch = next(batches)
                 out = self._forward(batch, ctc=cfg.ctc_weight > 0, lm=cfg.lm_weight > 0)
@@ -253,6 +254,9 @@ class Trainer:
                 if out.ctc_loss is not None:
                     loss = loss + cfg.ctc_weight * out.ctc_loss
                     ctc_sum += out.ctc_loss.item() / cfg.optim.accum_steps
+                if out.summary_loss is not None:
+                    loss = loss + cfg.summary_weight * out.summary_loss
+                    summary_sum += out.summary_loss.item() / cfg.optim.accum_steps
                 if info.engine == "deepspeed":
                     self.engine.backward(loss)
                     self.engine.step()
@@ -265,13 +269,16 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]  # the rate this update uses
             grad_norm = self._optimizer_step()
             self.step += 1
-            loss_sum, tokens, audio, ctc_sum = distributed.all_reduce_sum([loss_sum, tokens, audio, ctc_sum], info)
+            loss_sum, tokens, audio, ctc_sum, summary_sum = distributed.all_reduce_sum(
+                [loss_sum, tokens, audio, ctc_sum, summary_sum], info)
             dt = time.perf_counter() - t0
             record = {"step": self.step, "epoch": self.epoch, "loss": loss_sum / max(tokens, 1),
                       "lr": lr, "grad_norm": grad_norm,
                       "audio_s_per_s": audio / dt, "tokens_per_s": tokens / dt}
             if cfg.ctc_weight > 0:
                 record["ctc_loss"] = ctc_sum / info.world_size
+            if cfg.summary_weight > 0:
+                record["summary_loss"] = summary_sum / info.world_size
             if cfg.lm_weight == 0:  # a CTC-only warm-up: no LLM loss, no LLM tokens
                 del record["loss"], record["tokens_per_s"]
             records.append(record)
@@ -279,7 +286,7 @@ class Trainer:
                 self._log(record)
             if bar is not None:
                 bar.update(1)
-                shown = {k: f"{record[k]:.3f}" for k in ("loss", "ctc_loss") if k in record}
+                shown = {k: f"{record[k]:.3f}" for k in ("loss", "ctc_loss", "summary_loss") if k in record}
                 shown.update(lr=f"{record['lr']:.2e}", aud=f"{record['audio_s_per_s']:.1f}s/s")
                 if "tokens_per_s" in record:
                     shown["tok"] = f"{record['tokens_per_s']:.0f}/s"
@@ -329,11 +336,15 @@ class Trainer:
             return None
         self.engine.eval()
         loss_sum = tokens = other_sum = other_tokens = ctc_sum = batches = ctc_errors = ctc_words = 0.0
+        summary_sum = summary_batches = 0.0
         for batch in self._loader("valid", 0):
             n = batch["num_target_tokens"]
             out = self._forward(batch, ctc=self.cfg.ctc_weight > 0)
             loss_sum += out.loss.item() * n
             tokens += n
+            if out.summary_loss is not None:
+                summary_sum += out.summary_loss.item()
+                summary_batches += 1
             if out.ctc_loss is not None:
                 ctc_sum += out.ctc_loss.item()
                 batches += 1
@@ -351,8 +362,10 @@ class Trainer:
             if len(batch["feature_lens"]) > 1:
                 other_sum += other * n
                 other_tokens += n
-        loss_sum, tokens, other_sum, other_tokens, ctc_sum, batches, ctc_errors, ctc_words = distributed.all_reduce_sum(
-            [loss_sum, tokens, other_sum, other_tokens, ctc_sum, batches, ctc_errors, ctc_words], self.info)
+        (loss_sum, tokens, other_sum, other_tokens, ctc_sum, batches, ctc_errors, ctc_words, summary_sum,
+         summary_batches) = distributed.all_reduce_sum(
+            [loss_sum, tokens, other_sum, other_tokens, ctc_sum, batches, ctc_errors, ctc_words, summary_sum,
+             summary_batches], self.info)
         self.engine.train()
         value = loss_sum / max(tokens, 1)
         if self.info.is_main:
@@ -361,6 +374,8 @@ class Trainer:
                 record["valid_loss_other_audio"] = other_sum / other_tokens
             if batches:
                 record["valid_ctc_loss"] = ctc_sum / batches  # mean over batches
+            if summary_batches:
+                record["valid_summary_loss"] = summary_sum / summary_batches  # mean over batches
             if ctc_words:
                 record["valid_ctc_wer"] = ctc_errors / ctc_words  # the adaptor's greedy CTC transcripts
             self._log(record)
