@@ -152,6 +152,10 @@ class GenerationConfig:
     # already sent. None = off. Greedy outputs of normal speech stay under 2; the loops seen reach 5-10.
     compression_ratio_threshold: float | None = 2.4
     fallback_repetition_penalties: list[float] = field(default_factory=lambda: [1.1, 1.3])
+    # Tag fields (gender, age, ...) whose label comes from the voice summary position's own scores rather than
+    # from the LLM's text, for a model trained with summary_weight (SpeechLLM.summary_labels); the `raw` output
+    # keeps what the LLM wrote. Offline batches only (Engine). [] = every tag from the LLM.
+    summary_tags: list[str] = field(default_factory=list)
 
 
 @dataclass

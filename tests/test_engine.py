@@ -85,6 +85,37 @@ def test_looping_outputs_are_decoded_again_with_a_repetition_penalty(tiny_model,
     assert results[longest]["text"].startswith("a kind of a kind of")
 
 
+def test_summary_tags_take_their_labels_from_the_voice_summary(tmp_path):
+    """generation.summary_tags: the asked fields' labels are the summary position's own (per clip, as
+    summary_labels gives them alone), the LLM's raw text is kept; a model without a summary refuses."""
+    import torch
+
+    from osum.audio import log_mel_spectrogram
+    from osum.model.speech_llm import SpeechLLM
+    from tests.conftest import tiny_config
+
+    model = SpeechLLM(tiny_config("adaptor.summary_layers=[0,1]")).eval()
+    with torch.no_grad():
+        model.summary.proj.weight.normal_(0, 0.5)
+    clips = ["examples/librivox_mister_john_dashwood.wav", "examples/asterisk_weasels_8k.wav",
+             "examples/espeak_female_weather.wav", "examples/espeak_male_finance.wav"]
+    alone = []
+    for clip in clips:
+        mel = log_mel_spectrogram(load_audio(clip)).T[None]
+        alone.append(model.summary_labels(mel, torch.tensor([mel.shape[1]]), ["gender", "age"]))
+    assert len({row[0]["gender"] for row in alone} | {row[0]["age"] for row in alone}) > 2  # not one constant
+    tagged = dataclasses.replace(model.config.generation, summary_tags=["gender", "age"])
+    results = Engine(model, max_batch_size=4, generation=tagged).run(clips, task="asr+sgc")
+    plain = Engine(model, max_batch_size=4).run(clips, task="asr+sgc")
+    assert [r["labels"].get("gender") for r in results] == [row[0]["gender"] for row in alone]
+    assert all("age" not in r["labels"] for r in results)  # not asked by asr+sgc
+    assert [r["raw"] for r in results] == [r["raw"] for r in plain]
+    with pytest.raises(ValueError, match="voice summary"):
+        Engine(SpeechLLM(tiny_config()), generation=tagged)
+    with pytest.raises(ValueError, match="summary_tags"):
+        Engine(model, generation=dataclasses.replace(tagged, summary_tags=["mood"]))
+
+
 def test_compression_ratio_tells_a_loop_from_prose():
     prose = "Press one to record your unavailable message, press two to record your busy message."
     assert compression_ratio(prose) < 2.0 < 2.4 < compression_ratio("a kind of " * 30) and compression_ratio("") == 0

@@ -26,8 +26,11 @@ def test_recipe_training_eval_export_stages(tmp_path):
     env = {**os.environ, "STAGES": "3 4 5 6 7", "PRESET": "tiny", "DATA": str(data), "EXP": str(exp),
            "OUT": str(out), "STEPS0": "2", "STEPS1": "2", "STEPS2": "2", "STEPS3": "2", "AVERAGE": "1",
            "OSUM": str(Path(sys.executable).parent / "osum"), "OMP_NUM_THREADS": "1"}
+    # Stage 3 names whisper-base's blocks; the tiny encoder has two (the arguments reach every stage).
     proc = subprocess.run(["bash", str(ROOT / "recipes" / "osum-tiny" / "run.sh"), "save_every=1", "log_every=1",
-                           "tensorboard=false"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           "tensorboard=false", "model.adaptor.encoder_layers=[1]",
+                           "model.adaptor.summary_layers=[0,1]"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for stage in (0, 1, 2, 3):
         assert (exp / f"stage{stage}" / "final" / "config.json").is_file()
@@ -42,6 +45,9 @@ def test_recipe_training_eval_export_stages(tmp_path):
     stage3 = json.loads((exp / "stage3" / "final" / "config.json").read_text())
     # LoRA joins in stage 2; the whisper encoder stays frozen so the release holds only what was trained.
     assert stage3["model"]["lora"]["enabled"] and not stage3["model"]["encoder"]["trainable"]
+    # stage 3 adds the voice: the layer mix, the summary position and the summary's loss
+    assert {"layer_mix", "summary"} <= set(stage3["stored_groups"])
+    assert '"summary_loss"' in (exp / "stage3" / "metrics.jsonl").read_text()
     results = (exp / "eval" / "results.md").read_text()
     assert "synth-sgc" in results and "real" in results
     released = json.loads((out / "config.json").read_text())

@@ -52,6 +52,9 @@ def test_osum_tiny_stages_keep_the_encoder_frozen_and_use_ctc():
     # stage 0 is the CTC-only warm-up; the CTC loss stays on once the LLM's loss joins
     assert (stages[0].lm_weight, stages[0].ctc_weight > 0) == (0.0, True)
     assert all(s.lm_weight == 1.0 and s.ctc_weight > 0 for s in stages[1:])
+    # stage 3 adds the voice: lower blocks into the adaptor, a summary position with its own loss
+    assert stages[3].model.adaptor.encoder_layers and stages[3].model.adaptor.summary_layers
+    assert stages[3].summary_weight > 0 and stages[3].data.only_x_share == 0
 
 
 def test_osum_tiny_release_suite_agrees_with_run_sh():

@@ -36,6 +36,7 @@ class Piece:
     seconds: float  # its duration
     features: torch.Tensor  # (T, n_mels)
     text: str = ""
+    labels: dict[str, str] = field(default_factory=dict)  # read off the voice summary (generation.summary_tags)
 
 
 @dataclass
@@ -76,6 +77,12 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.batch_frames = batch_frames
         self.generation = generation or model.config.generation
+        unknown = [f for f in self.generation.summary_tags if f not in tasks.TAG_FIELDS]
+        if unknown:
+            raise ValueError(f"generation.summary_tags {unknown}: not tag fields ({', '.join(tasks.TAG_FIELDS)})")
+        if self.generation.summary_tags and model.summary is None:
+            raise ValueError(f"generation.summary_tags {self.generation.summary_tags}: the model has no voice "
+                             "summary (model.adaptor.summary_layers)")
         self.segment_method = segment_method
         self.window = window
         self.stats = EngineStats()
@@ -120,9 +127,16 @@ class Engine:
         device = self.model.device
         return self.model.generate(padded.to(device), lens.to(device), [prompt] * len(batch), generation)
 
-    def _generate(self, batch: list[Piece], prompt: str) -> None:
+    def _generate(self, batch: list[Piece], prompt: str, spec: tasks.TaskSpec | None = None) -> None:
         for piece, text in zip(batch, self._decode(batch, prompt, self.generation)):
             piece.text = text
+        fields = [f for f in (spec.fields if spec is not None else ()) if f in self.generation.summary_tags]
+        if fields:
+            feats = [p.features for p in batch]
+            padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(self.model.device)
+            lens = torch.tensor([f.shape[0] for f in feats], device=self.model.device)
+            for piece, labels in zip(batch, self.model.summary_labels(padded, lens, fields)):
+                piece.labels = labels
         self.stats.batches += 1
         self.stats.batch_sizes.append(len(batch))
         limit = self.generation.compression_ratio_threshold
@@ -175,7 +189,7 @@ class Engine:
                 result["error"] = str(exc)
         with torch.inference_mode():
             for batch in self._batches(pieces):
-                self._generate(batch, prompt)
+                self._generate(batch, prompt, spec)
         by_item: dict[int, list[Piece]] = {}
         for piece in pieces:
             by_item.setdefault(piece.item, []).append(piece)
@@ -194,8 +208,9 @@ class Engine:
 def merge(pieces: list[Piece], spec: tasks.TaskSpec | None) -> dict:
     """Parse each piece and join them: transcripts and answers concatenated, word times shifted by the
     piece offset, each label the most frequent value over the pieces (first piece wins a tie).
-    Spec None (a free prompt) lets `tasks.parse` infer each piece's layout."""
-    parsed = [(p, tasks.parse(p.text, spec)) for p in pieces]
+    Spec None (a free prompt) lets `tasks.parse` infer each piece's layout. A label read off the voice summary
+    (Piece.labels) takes the place of the one in the piece's text."""
+    parsed = [(p, dataclasses.replace(tasks.parse(p.text, spec), **p.labels)) for p in pieces]
     out: dict = {"task": None if spec is None else str(spec), "raw": " ".join(p.text for p in pieces)}
     if len(pieces) > 1:
         out["segments"] = [[round(p.offset, 3), round(p.offset + p.seconds, 3)] for p in pieces]

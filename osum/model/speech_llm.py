@@ -118,7 +118,8 @@ class SpeechLLM(nn.Module):
     def _encode(self, features: torch.Tensor, feature_lens: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """→ adaptor_out (B, S, H), adaptor_lens (B,), and the voice summary (B, H) when configured."""
-        wanted = sorted({*(self.layer_mix.layers if self.layer_mix else ()), *(self.summary.layers if self.summary else ())})
+        wanted = sorted({*(self.layer_mix.layers if self.layer_mix else ()),
+                         *(self.summary.layers if self.summary else ())})
         encoder_out, encoder_lens, hidden = self.encoder.forward_layers(features, feature_lens, wanted)
         blocks = dict(zip(wanted, hidden))
         if self.layer_mix is not None:
@@ -258,12 +259,30 @@ class SpeechLLM(nn.Module):
             if not rows:
                 continue
             index, target = zip(*rows)
-            tags = self.tag_vectors(field).float()
-            tags = F.normalize(tags - tags.mean(0), dim=-1)
-            logits = SUMMARY_SCALE * F.normalize(summary[list(index)].float(), dim=-1) @ tags.T  # (N, C)
+            logits = self._summary_logits(summary[list(index)], field)
             total = total + F.cross_entropy(logits, torch.tensor(target, device=logits.device), reduction="sum")
             count += len(rows)
         return total / count if count else None
+
+    def _summary_logits(self, summary: torch.Tensor, field: str) -> torch.Tensor:
+        """(N, H) summary positions → (N, C) scores of the field's labels (see `summary_loss`)."""
+        tags = self.tag_vectors(field).float()
+        tags = F.normalize(tags - tags.mean(0), dim=-1)
+        return SUMMARY_SCALE * F.normalize(summary.float(), dim=-1) @ tags.T
+
+    @torch.no_grad()
+    def summary_labels(self, features: torch.Tensor, feature_lens: torch.Tensor,
+                       fields: list[str]) -> list[dict[str, str]]:
+        """Each item's label of each field read off the voice summary position alone (the best-scoring tag, as
+        `summary_loss` trains it), the way Whisper reads the language off one step's language-token logits."""
+        if self.summary is None:
+            raise ValueError("this model has no voice summary to read labels from (model.adaptor.summary_layers)")
+        _, _, summary = self._encode(features, feature_lens)
+        out: list[dict[str, str]] = [{} for _ in range(summary.shape[0])]
+        for field in fields:
+            for row, best in zip(out, self._summary_logits(summary, field).argmax(-1).tolist()):
+                row[field] = tasks.LABELS[field][best]
+        return out
 
     @property
     def ctc_blank_id(self) -> int:

@@ -52,7 +52,7 @@ if run_stage 3; then
   train 1 "${STEPS1:-1500}" "${shift_args[@]}"
 fi
 if run_stage 4; then train 2 "${STEPS2:-1000}" "${shift_args[@]}"; fi
-if run_stage 5; then train 3 "${STEPS3:-1500}" "${shift_args[@]}"; fi
+if run_stage 5; then train 3 "${STEPS3:-1000}" "${shift_args[@]}"; fi
 if run_stage 6; then
   suite="$EXP/suite.yaml"
   {
