@@ -557,8 +557,13 @@ def _parse_tagged(text: str, fields: tuple[str, ...], transcript: bool, strict: 
             wanted.remove(fits[0])
     if strict:
         for f in wanted:
-            errors.append(f"missing {f} tag (one of: {', '.join(LABELS[f])})")
+            errors.append(missing_tag_error(f))
     return result
+
+
+def missing_tag_error(field_name: str) -> str:
+    """The parse error of an answer that lacks the tag of `field_name`."""
+    return f"missing {field_name} tag (one of: {', '.join(LABELS[field_name])})"
 
 
 def _parse_srwt(text: str) -> Result:

@@ -110,6 +110,10 @@ def test_summary_tags_take_their_labels_from_the_voice_summary(tmp_path):
     assert [r["labels"].get("gender") for r in results] == [row[0]["gender"] for row in alone]
     assert all("age" not in r["labels"] for r in results)  # not asked by asr+sgc
     assert [r["raw"] for r in results] == [r["raw"] for r in plain]
+    # the random model writes no tags: the missing gender tag is a parse error only when nothing supplies it
+    missing = tasks.missing_tag_error("gender")
+    assert all(missing in r["parse_errors"] for r in plain)
+    assert not any(missing in r.get("parse_errors", []) for r in results)
     with pytest.raises(ValueError, match="voice summary"):
         Engine(SpeechLLM(tiny_config()), generation=tagged)
     with pytest.raises(ValueError, match="summary_tags"):

@@ -209,8 +209,12 @@ def merge(pieces: list[Piece], spec: tasks.TaskSpec | None) -> dict:
     """Parse each piece and join them: transcripts and answers concatenated, word times shifted by the
     piece offset, each label the most frequent value over the pieces (first piece wins a tie).
     Spec None (a free prompt) lets `tasks.parse` infer each piece's layout. A label read off the voice summary
-    (Piece.labels) takes the place of the one in the piece's text."""
-    parsed = [(p, dataclasses.replace(tasks.parse(p.text, spec), **p.labels)) for p in pieces]
+    (Piece.labels) takes the place of the one in the piece's text, which then need not have it."""
+    parsed = []
+    for p in pieces:
+        r = tasks.parse(p.text, spec)
+        moot = {tasks.missing_tag_error(f) for f in p.labels}
+        parsed.append((p, dataclasses.replace(r, **p.labels, errors=[e for e in r.errors if e not in moot])))
     out: dict = {"task": None if spec is None else str(spec), "raw": " ".join(p.text for p in pieces)}
     if len(pieces) > 1:
         out["segments"] = [[round(p.offset, 3), round(p.offset + p.seconds, 3)] for p in pieces]
