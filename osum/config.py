@@ -154,7 +154,7 @@ class GenerationConfig:
     fallback_repetition_penalties: list[float] = field(default_factory=lambda: [1.1, 1.3])
     # Tag fields (gender, age, ...) whose label comes from the voice summary position's own scores rather than
     # from the LLM's text, for a model trained with summary_weight (SpeechLLM.summary_labels); the `raw` output
-    # keeps what the LLM wrote. Offline batches only (Engine). [] = every tag from the LLM.
+    # keeps what the LLM wrote. Engine (osum infer/eval) and osum serve. [] = every tag from the LLM.
     summary_tags: list[str] = field(default_factory=list)
 
 

@@ -563,3 +563,30 @@ def test_subtitles_and_metrics_text():
     assert 'osum_batch_size_bucket{le="1"} 1\n' in text and 'osum_batch_size_bucket{le="4"} 3\n' in text
     assert 'osum_batch_size_bucket{le="+Inf"} 4\n' in text and "osum_batch_size_sum 207\n" in text
     assert "# TYPE osum_request_seconds histogram" in text and "osum_queue_depth 0\n" in text
+
+
+def test_summary_tags_give_the_served_labels():
+    """generation.summary_tags in the model's config: the server's gender label is the voice summary's (as
+    `osum infer` gives it), streamed or not, while the text is the LLM's."""
+    from osum.audio import load_audio, log_mel_spectrogram
+    from osum.model.speech_llm import SpeechLLM
+    from tests.conftest import tiny_config
+
+    model = SpeechLLM(tiny_config("adaptor.summary_layers=[0,1]", "generation.max_new_tokens=6",
+                                  "generation.summary_tags=[gender]")).eval()
+    with torch.no_grad():
+        model.summary.proj.weight.normal_(0, 0.5)
+    mel = log_mel_spectrogram(load_audio(EXAMPLE)).T[None]
+    want = model.summary_labels(mel, torch.tensor([mel.shape[1]]), ["gender"])[0]["gender"]
+    with live_server(model) as url:
+        api = client(url)
+        messages = user(text_part("Transcribe the speech and tag the speaker's gender."), audio_part(EXAMPLE))
+        r = api.chat.completions.create(model="tiny", messages=messages)
+        assert r.osum["task"] == "asr+sgc" and r.osum["labels"] == {"gender": want}
+        assert tasks.missing_tag_error("gender") not in r.osum.get("parse_errors", [])
+        chunks = list(api.chat.completions.create(model="tiny", messages=messages, stream=True))
+        last = [c for c in chunks if getattr(c, "osum", None)]
+        assert last and last[-1].osum["labels"] == {"gender": want}
+        r = api.chat.completions.create(model="tiny", messages=user(text_part("Transcribe the audio."),
+                                                                  audio_part(EXAMPLE)))
+        assert r.osum["labels"] == {}  # asr asks for no tag: the summary is not consulted

@@ -103,9 +103,10 @@ class Service:
             raise self._timeout() from None
 
     def submit(self, pieces: list[Piece], prompt: str, gen: GenerationConfig, duration: float,
-               on_tokens=None) -> Job:
+               spec: tasks.TaskSpec | None = None, on_tokens=None) -> Job:
+        fields = [f for f in (spec.fields if spec is not None else ()) if f in gen.summary_tags]
         job = Job([p.features for p in pieces], self.model.prompts.prompt_ids(prompt), gen,
-                  asyncio.get_running_loop(), on_tokens)
+                  asyncio.get_running_loop(), on_tokens, summary_fields=fields)
         try:
             self.batcher.submit(job)
         except QueueFull as exc:
@@ -147,6 +148,7 @@ class Service:
         """The parsed result of a finished job, in the `osum` field's shape."""
         for piece, work in zip(pieces, job.work):
             piece.text = self.model.tokenizer.decode(work.ids, skip_special_tokens=True)
+            piece.labels = work.labels
         merged = merge(pieces, spec)
         out = {"task": merged["task"], "transcript": merged["text"], "labels": merged["labels"]}
         for key in ("words", "answer", "segments", "parse_errors"):
@@ -270,7 +272,7 @@ def create_app(model, settings: ServeConfig | None = None) -> FastAPI:
         gen = generation_for(service.model.config.generation, settings, temperature=temperature)
         data = await file.read()
         pieces, duration = await service.prepare(data, f"file {file.filename!r}", deadline)
-        job = service.submit(pieces, instruction, gen, duration)
+        job = service.submit(pieces, instruction, gen, duration, spec)
         try:
             await service.wait(job, request, deadline)
         except ClientGone:
@@ -321,7 +323,7 @@ def create_app(model, settings: ServeConfig | None = None) -> FastAPI:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
-        job = service.submit(pieces, instruction, gen, duration)
+        job = service.submit(pieces, instruction, gen, duration, spec)
         try:
             await service.wait(job, request, deadline)
         except ClientGone:
@@ -359,7 +361,8 @@ async def stream_chat(service: Service, request: Request, pieces: list[Piece], s
         return _sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
 
     try:
-        job = service.submit(pieces, instruction, gen, duration, on_tokens=lambda i, ids: queue.put_nowait((i, ids)))
+        job = service.submit(pieces, instruction, gen, duration, spec,
+                             on_tokens=lambda i, ids: queue.put_nowait((i, ids)))
     except ApiError as exc:
         yield _sse(error_response(exc, service.metrics).body.decode())
         return

@@ -46,6 +46,7 @@ class Work:
     index: int
     features: torch.Tensor  # (T, n_mels)
     ids: list[int] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)  # read off the voice summary (Job.summary_fields)
     done: bool = False
 
 
@@ -59,11 +60,13 @@ class Job:
         generation: GenerationConfig,
         loop: asyncio.AbstractEventLoop,
         on_tokens: TokenCallback | None = None,
+        summary_fields: list[str] | None = None,
     ):
         if not features:
             raise ValueError("a job needs at least one piece of audio")
         self.work = [Work(self, i, f) for i, f in enumerate(features)]
         self.prompt = prompt
+        self.summary_fields = list(summary_fields or [])  # tag fields whose labels the voice summary gives
         self.generation = generation
         # Only pieces with identical decoding settings can share one generate call.
         self.key = json.dumps(dataclasses.asdict(generation), sort_keys=True)
@@ -264,6 +267,10 @@ class Batcher:
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([_Cancelled(batch)]),
         )
+        fields = sorted({f for w in batch for f in w.job.summary_fields})
+        if fields:
+            for work, labels in zip(batch, self.model.summary_labels(padded.to(device), lens.to(device), fields)):
+                work.labels = {f: labels[f] for f in work.job.summary_fields}
         self.metrics.observe("osum_generate_seconds", time.perf_counter() - start)
         self.metrics.inc("osum_batches_total")
         self.metrics.observe("osum_batch_size", len(batch))
