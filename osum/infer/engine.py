@@ -120,22 +120,22 @@ class Engine:
         if batch:
             yield batch
 
-    def _decode(self, batch: list[Piece], prompt: str, generation: GenerationConfig) -> list[str]:
+    def _padded(self, batch: list[Piece]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pieces' features zero-padded (B, T, n_mels) and their lengths (B,), on the model's device."""
         feats = [p.features for p in batch]
         lens = torch.tensor([f.shape[0] for f in feats])
-        padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)  # (B, T, n_mels)
-        device = self.model.device
-        return self.model.generate(padded.to(device), lens.to(device), [prompt] * len(batch), generation)
+        padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+        return padded.to(self.model.device), lens.to(self.model.device)
+
+    def _decode(self, batch: list[Piece], prompt: str, generation: GenerationConfig) -> list[str]:
+        return self.model.generate(*self._padded(batch), [prompt] * len(batch), generation)
 
     def _generate(self, batch: list[Piece], prompt: str, spec: tasks.TaskSpec | None = None) -> None:
         for piece, text in zip(batch, self._decode(batch, prompt, self.generation)):
             piece.text = text
         fields = [f for f in (spec.fields if spec is not None else ()) if f in self.generation.summary_tags]
         if fields:
-            feats = [p.features for p in batch]
-            padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True).to(self.model.device)
-            lens = torch.tensor([f.shape[0] for f in feats], device=self.model.device)
-            for piece, labels in zip(batch, self.model.summary_labels(padded, lens, fields)):
+            for piece, labels in zip(batch, self.model.summary_labels(*self._padded(batch), fields)):
                 piece.labels = labels
         self.stats.batches += 1
         self.stats.batch_sizes.append(len(batch))
