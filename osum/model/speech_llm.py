@@ -97,6 +97,7 @@ class SpeechLLM(nn.Module):
                 self.summary.norm.weight.fill_(std)
             self.summary.requires_grad_(cfg.adaptor.trainable)
         self.prompts = PromptBuilder(self.tokenizer, cfg.prompt.layout, cfg.prompt.system, cfg.prompt.end_token)
+        self._tag_ids: dict[str, list[list[int]]] = {}  # each tag field's labels as token ids (tag_vectors)
 
     # ---- pieces -------------------------------------------------------------------------------
 
@@ -236,10 +237,10 @@ class SpeechLLM(nn.Module):
         """(C, H): each label of a tag field as the LLM reads its tag (`<male>`): the mean of its tokens' input
         embeddings, detached (a fixed target, even when the LLM's embeddings train)."""
         embed = self.base_llm.get_input_embeddings().weight
-        rows = []
-        for label in tasks.LABELS[field]:
-            ids = self.tokenizer(f"<{label}>", add_special_tokens=False).input_ids
-            rows.append(embed[torch.tensor(ids, device=embed.device)].mean(0))
+        if field not in self._tag_ids:  # tokenised once: the loss asks every step
+            self._tag_ids[field] = [self.tokenizer(f"<{label}>", add_special_tokens=False).input_ids
+                                    for label in tasks.LABELS[field]]
+        rows = [embed[torch.tensor(ids, device=embed.device)].mean(0) for ids in self._tag_ids[field]]
         return torch.stack(rows).detach()
 
     def summary_loss(self, summary: torch.Tensor, labels: list[dict[str, str]]) -> torch.Tensor | None:
