@@ -157,6 +157,19 @@ class GenerationConfig:
     # keeps what the LLM wrote. Engine (osum infer/eval) and osum serve. [] = every tag from the LLM.
     summary_tags: list[str] = field(default_factory=list)
 
+    def __post_init__(self):
+        from osum.tasks import TAG_FIELDS  # a leaf module; imported here to keep config's imports plain
+
+        unknown = [f for f in self.summary_tags if f not in TAG_FIELDS]
+        if unknown:
+            raise ValueError(f"generation.summary_tags {unknown}: not tag fields ({', '.join(TAG_FIELDS)})")
+        if self.compression_ratio_threshold is not None and self.compression_ratio_threshold <= 0:
+            raise ValueError(f"generation.compression_ratio_threshold must be positive or null, "
+                             f"got {self.compression_ratio_threshold}")
+        if any(p <= 0 for p in self.fallback_repetition_penalties):
+            raise ValueError(f"generation.fallback_repetition_penalties must be positive, "
+                             f"got {self.fallback_repetition_penalties}")
+
 
 @dataclass
 class ServeConfig:

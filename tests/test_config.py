@@ -51,3 +51,14 @@ def test_bad_overrides_fail_by_name(override, message):
 def test_unknown_preset():
     with pytest.raises(FileNotFoundError, match="presets"):
         ModelConfig.load("no-such-model")
+
+
+def test_generation_settings_are_checked_when_built():
+    from osum.config import GenerationConfig
+
+    for bad, match in (({"summary_tags": ["mood"]}, "summary_tags"),
+                       ({"compression_ratio_threshold": 0}, "compression_ratio_threshold"),
+                       ({"fallback_repetition_penalties": [1.1, 0]}, "fallback_repetition_penalties")):
+        with pytest.raises(ValueError, match=match):
+            GenerationConfig(**bad)
+    assert GenerationConfig(summary_tags=["gender", "age"], compression_ratio_threshold=None).summary_tags

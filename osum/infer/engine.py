@@ -77,9 +77,6 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.batch_frames = batch_frames
         self.generation = generation or model.config.generation
-        unknown = [f for f in self.generation.summary_tags if f not in tasks.TAG_FIELDS]
-        if unknown:
-            raise ValueError(f"generation.summary_tags {unknown}: not tag fields ({', '.join(tasks.TAG_FIELDS)})")
         if self.generation.summary_tags and model.summary is None:
             raise ValueError(f"generation.summary_tags {self.generation.summary_tags}: the model has no voice "
                              "summary (model.adaptor.summary_layers)")
