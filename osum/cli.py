@@ -213,6 +213,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         settings = apply_overrides(dataclasses.asdict(model.config.generation), args.generation)
         model.config.generation = from_dict(GenerationConfig, settings, "generation.")
+    if args.fit_word_times:
+        import dataclasses
+
+        import torch
+
+        from osum.evaluate.run import read_eval_set
+        from osum.model.align import fit_model_offsets
+
+        with torch.inference_mode():
+            start, end, n = fit_model_offsets(model.eval(), read_eval_set(args.fit_word_times))
+        model.config.generation = dataclasses.replace(model.config.generation, word_times="ctc",
+                                                      ctc_time_offsets=[start, end])
+        print(f"word times from CTC, offsets fitted on {n} words of {args.fit_word_times}: "
+              f"start {start:+.3f} s, end {end:+.3f} s", file=sys.stderr)
     dtype = torch_dtype(args.dtype) if args.dtype else None
     if args.format == "osum" and args.keep_lora:
         out = checkpoint.save(model, args.out, dtype=dtype)  # only the trained parts; base models by name
@@ -331,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="osum format: keep LoRA separate and store only the trained parts (small; base models by name)")
     p.add_argument("--generation", action="append", default=[], metavar="KEY=VALUE",
                    help="set a decoding default in the exported config, e.g. summary_tags=[gender,age] (repeatable)")
+    p.add_argument("--fit-word-times", metavar="LIST.jsonl",
+                   help="srwt word times from the CTC alignment (generation.word_times=ctc), with the start and end "
+                        "offsets fitted on these labelled utterances (rows with audio, text and words)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list presets and named base models, and which load offline")

@@ -156,6 +156,12 @@ class GenerationConfig:
     # from the LLM's text, for a model trained with summary_weight (SpeechLLM.summary_labels); the `raw` output
     # keeps what the LLM wrote. Engine (osum infer/eval) and osum serve. [] = every tag from the LLM.
     summary_tags: list[str] = field(default_factory=list)
+    # Where srwt's word times come from: "llm", the spans the LLM writes; or "ctc", for a model trained with
+    # ctc_weight > 0: the LLM writes the words and a forced alignment of them to the adaptor's CTC scores gives
+    # each one's span (SpeechLLM.word_times), shifted by ctc_time_offsets (seconds, [start, end]), which
+    # `osum export --fit-word-times` measures on labelled data. The `raw` output keeps what the LLM wrote.
+    word_times: str = "llm"
+    ctc_time_offsets: list[float] = field(default_factory=lambda: [0.0, 0.0])
 
     def __post_init__(self):
         from osum.tasks import TAG_FIELDS  # a leaf module; imported here to keep config's imports plain
@@ -166,6 +172,10 @@ class GenerationConfig:
         if self.compression_ratio_threshold is not None and self.compression_ratio_threshold <= 0:
             raise ValueError(f"generation.compression_ratio_threshold must be positive or null, "
                              f"got {self.compression_ratio_threshold}")
+        if self.word_times not in ("llm", "ctc"):
+            raise ValueError(f"generation.word_times must be 'llm' or 'ctc', got {self.word_times!r}")
+        if len(self.ctc_time_offsets) != 2:
+            raise ValueError(f"generation.ctc_time_offsets is [start, end] in seconds, got {self.ctc_time_offsets}")
         if any(p <= 0 for p in self.fallback_repetition_penalties):
             raise ValueError(f"generation.fallback_repetition_penalties must be positive, "
                              f"got {self.fallback_repetition_penalties}")

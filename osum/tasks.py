@@ -406,7 +406,8 @@ class Result:
 
 # CJK scripts are written without spaces between words: punctuation, kana, Han, fullwidth forms.
 # Hangul is left out on purpose: Korean puts spaces between words.
-_CJK = re.compile(r"[\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef]")
+CJK_CHARS = r"\u3000-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"  # a regex class body
+_CJK = re.compile(f"[{CJK_CHARS}]")
 
 
 def join_words(words: list[str]) -> str:
@@ -566,6 +567,19 @@ def missing_tag_error(field_name: str) -> str:
     return f"missing {field_name} tag (one of: {', '.join(LABELS[field_name])})"
 
 
+# srwt parse errors about time spans (rather than words): moot when the spans come from elsewhere
+# (generation.word_times "ctc"), see is_span_error.
+_SPAN_ERRORS = ("word {!r} has no time span", "time span <{}> has no word before it",
+                "malformed time span <{}> after {!r}", "time span <{}> of {!r} ends before it starts")
+_SPAN_ERROR = re.compile("|".join(
+    re.escape(f).replace(re.escape("{!r}"), ".+").replace(re.escape("{}"), ".*") for f in _SPAN_ERRORS))
+
+
+def is_span_error(error: str) -> bool:
+    """True for an srwt parse error about a word's time span, false for one about the words themselves."""
+    return _SPAN_ERROR.fullmatch(error) is not None
+
+
 def _parse_srwt(text: str) -> Result:
     result = Result(words=[])
     errors = result.errors
@@ -582,21 +596,21 @@ def _parse_srwt(text: str) -> Result:
         pos = m.end()
         inner = m.group(1)
         if not found:
-            errors.append(f"time span <{inner}> has no word before it")
+            errors.append(_SPAN_ERRORS[1].format(inner))
             continue
         for w in found[:-1]:
-            errors.append(f"word {w!r} has no time span")
+            errors.append(_SPAN_ERRORS[0].format(w))
         word, span = found[-1], _SPAN.fullmatch(inner)
         if span is None:
-            errors.append(f"malformed time span <{inner}> after {word!r}")
+            errors.append(_SPAN_ERRORS[2].format(inner, word))
             continue
         start, end = float(span.group(1)), float(span.group(2))
         if start > end:
-            errors.append(f"time span <{inner}> of {word!r} ends before it starts")
+            errors.append(_SPAN_ERRORS[3].format(inner, word))
             continue
         result.words.append(Word(word, start, end))
     for w in take(text[pos:]):
-        errors.append(f"word {w!r} has no time span")
+        errors.append(_SPAN_ERRORS[0].format(w))
     result.transcript = join_words(spoken)
     return result
 

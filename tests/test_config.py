@@ -58,7 +58,9 @@ def test_generation_settings_are_checked_when_built():
 
     for bad, match in (({"summary_tags": ["mood"]}, "summary_tags"),
                        ({"compression_ratio_threshold": 0}, "compression_ratio_threshold"),
-                       ({"fallback_repetition_penalties": [1.1, 0]}, "fallback_repetition_penalties")):
+                       ({"fallback_repetition_penalties": [1.1, 0]}, "fallback_repetition_penalties"),
+                       ({"word_times": "whisper"}, "word_times"),
+                       ({"ctc_time_offsets": [0.1]}, "ctc_time_offsets")):
         with pytest.raises(ValueError, match=match):
             GenerationConfig(**bad)
     assert GenerationConfig(summary_tags=["gender", "age"], compression_ratio_threshold=None).summary_tags

@@ -590,3 +590,22 @@ def test_summary_tags_give_the_served_labels():
         r = api.chat.completions.create(model="tiny", messages=user(text_part("Transcribe the audio."),
                                                                   audio_part(EXAMPLE)))
         assert r.osum["labels"] == {}  # asr asks for no tag: the summary is not consulted
+
+
+def test_word_timestamps_from_ctc_match_the_engine():
+    """generation.word_times "ctc": the words a transcription request with word timestamps gets are the CTC
+    alignment `osum infer` gives for the same text, and the LLM's missing spans are no parse errors."""
+    from osum.infer.engine import Engine
+    from osum.model.speech_llm import SpeechLLM
+    from tests.conftest import tiny_config
+
+    model = SpeechLLM(tiny_config("generation.max_new_tokens=8", "generation.word_times=ctc",
+                                  "generation.ctc_time_offsets=[-0.1,0.05]")).eval()
+    (want,) = Engine(model).run([EXAMPLE], task="srwt")
+    assert want["words"]
+    with live_server(model) as url, open(EXAMPLE, "rb") as f:
+        r = client(url).audio.transcriptions.create(model="tiny", file=f, response_format="verbose_json",
+                                                    timestamp_granularities=["word"])
+    assert r.osum["raw"] == want["raw"]
+    assert [(w.word, w.start, w.end) for w in r.words] == [(w["word"], w["start"], w["end"]) for w in want["words"]]
+    assert not any(tasks.is_span_error(e) for e in r.osum.get("parse_errors", []))

@@ -37,6 +37,9 @@ class Piece:
     features: torch.Tensor  # (T, n_mels)
     text: str = ""
     labels: dict[str, str] = field(default_factory=dict)  # read off the voice summary (generation.summary_tags)
+    # srwt words timed by the CTC alignment (generation.word_times "ctc"); None = the spans the text has.
+    words: list[tasks.Word] | None = None
+    words_error: str | None = None  # why the CTC alignment gave no words
 
 
 @dataclass
@@ -124,15 +127,13 @@ class Engine:
         padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
         return padded.to(self.model.device), lens.to(self.model.device)
 
-    def _decode(self, batch: list[Piece], prompt: str, generation: GenerationConfig) -> list[str]:
-        return self.model.generate(*self._padded(batch), [prompt] * len(batch), generation)
-
     def _generate(self, batch: list[Piece], prompt: str, spec: tasks.TaskSpec | None = None) -> None:
-        for piece, text in zip(batch, self._decode(batch, prompt, self.generation)):
+        features = self._padded(batch)
+        for piece, text in zip(batch, self.model.generate(*features, [prompt] * len(batch), self.generation)):
             piece.text = text
         fields = [f for f in (spec.fields if spec is not None else ()) if f in self.generation.summary_tags]
         if fields:
-            for piece, labels in zip(batch, self.model.summary_labels(*self._padded(batch), fields)):
+            for piece, labels in zip(batch, self.model.summary_labels(*features, fields)):
                 piece.labels = labels
         self.stats.batches += 1
         self.stats.batch_sizes.append(len(batch))
@@ -146,10 +147,14 @@ class Engine:
             if not looped:
                 break
             retry = dataclasses.replace(self.generation, repetition_penalty=penalty)
-            for piece, text in zip(looped, self._decode(looped, prompt, retry)):
+            for piece, text in zip(looped, self.model.generate(*self._padded(looped), [prompt] * len(looped), retry)):
                 if compression_ratio(text) < compression_ratio(piece.text):
                     piece.text = text
             looped = [p for p in looped if compression_ratio(p.text) > limit]
+        if spec is not None and spec.base == "srwt" and self.generation.word_times == "ctc":
+            timed = ctc_words(self.model, [p.text for p in batch], *features, self.generation.ctc_time_offsets)
+            for piece, (words, error) in zip(batch, timed):
+                piece.words, piece.words_error = words, error
 
     def run(self, inputs: list[Source] | list[tuple[str, Source]], task: str = "asr", prompt: str | None = None) -> list[dict]:
         return list(self.iter_run(inputs, task=task, prompt=prompt))
@@ -202,16 +207,34 @@ class Engine:
         return results
 
 
+def ctc_words(model: SpeechLLM, texts: list[str], features: torch.Tensor, feature_lens: torch.Tensor,
+              offsets: list[float]) -> list[tuple[list[tasks.Word], str | None]]:
+    """Each srwt output's words timed by the CTC alignment of the transcript it gives (generation.word_times
+    "ctc"), with the reason when there are none."""
+    transcripts = [tasks.parse(text, "srwt").transcript or "" for text in texts]
+    out = []
+    for text, words in zip(transcripts, model.word_times(features, feature_lens, transcripts, offsets)):
+        out.append((words, None) if words is not None else (
+            [], f"no word times: the transcript has more tokens than the audio has CTC positions ({text!r})"))
+    return out
+
+
 def merge(pieces: list[Piece], spec: tasks.TaskSpec | None) -> dict:
     """Parse each piece and join them: transcripts and answers concatenated, word times shifted by the
     piece offset, each label the most frequent value over the pieces (first piece wins a tie).
     Spec None (a free prompt) lets `tasks.parse` infer each piece's layout. A label read off the voice summary
-    (Piece.labels) takes the place of the one in the piece's text, which then need not have it."""
+    (Piece.labels) takes the place of the one in the piece's text, which then need not have it; so do words
+    timed by the CTC alignment (Piece.words), and the text's own time spans then do not matter."""
     parsed = []
     for p in pieces:
         r = tasks.parse(p.text, spec)
         moot = {tasks.missing_tag_error(f) for f in p.labels}
-        parsed.append((p, dataclasses.replace(r, **p.labels, errors=[e for e in r.errors if e not in moot])))
+        errors = [e for e in r.errors if e not in moot]
+        timed = {}
+        if p.words is not None:
+            timed = {"words": p.words}
+            errors = [e for e in errors if not tasks.is_span_error(e)] + ([p.words_error] if p.words_error else [])
+        parsed.append((p, dataclasses.replace(r, **p.labels, **timed, errors=errors)))
     out: dict = {"task": None if spec is None else str(spec), "raw": " ".join(p.text for p in pieces)}
     if len(pieces) > 1:
         out["segments"] = [[round(p.offset, 3), round(p.offset + p.seconds, 3)] for p in pieces]

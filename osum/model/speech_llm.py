@@ -6,6 +6,7 @@ on the right for training, on the left for generation, so batching never changes
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +17,10 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokeniz
 from transformers.generation.streamers import BaseStreamer
 
 from osum import tasks
+from osum.audio import FRAMES_PER_SECOND
 from osum.config import GenerationConfig, ModelConfig
 from osum.model.adaptor import Adaptor, LayerMix, VoiceSummary
+from osum.model.align import align_words
 from osum.model.encoder import WhisperAudioEncoder
 from osum.model.encoder_weights import load_into, read_encoder
 from osum.model.llm import apply_lora, build_llm, load_tokenizer
@@ -284,6 +287,27 @@ class SpeechLLM(nn.Module):
             for row, best in zip(out, self._summary_logits(summary, field).argmax(-1).tolist()):
                 row[field] = tasks.LABELS[field][best]
         return out
+
+    @property
+    def seconds_per_position(self) -> float:
+        """Audio seconds per adaptor position: the encoder halves the mel frame rate, each conv divides it."""
+        return 2 * math.prod(self.adaptor.strides) / FRAMES_PER_SECOND
+
+    @torch.no_grad()
+    def word_times(self, features: torch.Tensor, feature_lens: torch.Tensor, transcripts: list[str],
+                   offsets: list[float] | tuple[float, float] = (0.0, 0.0)) -> list[list[tasks.Word] | None]:
+        """Each item's transcript as words with time spans (seconds) from the adaptor's CTC scores
+        (model.align.align_words), for a model trained with ctc_weight > 0; None for an item whose transcript
+        has more tokens than its audio has positions."""
+        if len(transcripts) != features.shape[0]:
+            raise ValueError(f"{len(transcripts)} transcripts for {features.shape[0]} audio items")
+        adaptor_out, adaptor_lens, _ = self._encode(features, feature_lens)
+        log_probs = self.ctc_logits(adaptor_out).float().log_softmax(-1).cpu()
+        return [
+            align_words(lp[:n], text, self.tokenizer, self.ctc_blank_id, self.seconds_per_position, offsets,
+                        duration=int(frames) / FRAMES_PER_SECOND)
+            for lp, n, frames, text in zip(log_probs, adaptor_lens.tolist(), feature_lens.tolist(), transcripts)
+        ]
 
     @property
     def ctc_blank_id(self) -> int:

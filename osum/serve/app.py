@@ -105,8 +105,9 @@ class Service:
     def submit(self, pieces: list[Piece], prompt: str, gen: GenerationConfig, duration: float,
                spec: tasks.TaskSpec | None = None, on_tokens=None) -> Job:
         fields = [f for f in (spec.fields if spec is not None else ()) if f in gen.summary_tags]
+        ctc = spec is not None and spec.base == "srwt" and gen.word_times == "ctc"
         job = Job([p.features for p in pieces], self.model.prompts.prompt_ids(prompt), gen,
-                  asyncio.get_running_loop(), on_tokens, summary_fields=fields)
+                  asyncio.get_running_loop(), on_tokens, summary_fields=fields, ctc_words=ctc)
         try:
             self.batcher.submit(job)
         except QueueFull as exc:
@@ -149,6 +150,7 @@ class Service:
         for piece, work in zip(pieces, job.work):
             piece.text = self.model.tokenizer.decode(work.ids, skip_special_tokens=True)
             piece.labels = work.labels
+            piece.words, piece.words_error = work.words, work.words_error
         merged = merge(pieces, spec)
         out = {"task": merged["task"], "transcript": merged["text"], "labels": merged["labels"]}
         for key in ("words", "answer", "segments", "parse_errors"):

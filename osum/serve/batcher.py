@@ -20,7 +20,9 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from osum import tasks
 from osum.config import GenerationConfig
+from osum.infer.engine import ctc_words
 from osum.model.prompt import PromptIds
 from osum.serve.metrics import Metrics
 
@@ -47,6 +49,8 @@ class Work:
     features: torch.Tensor  # (T, n_mels)
     ids: list[int] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)  # read off the voice summary (Job.summary_fields)
+    words: list[tasks.Word] | None = None  # timed by the CTC alignment (Job.ctc_words)
+    words_error: str | None = None
     done: bool = False
 
 
@@ -61,12 +65,14 @@ class Job:
         loop: asyncio.AbstractEventLoop,
         on_tokens: TokenCallback | None = None,
         summary_fields: list[str] | None = None,
+        ctc_words: bool = False,
     ):
         if not features:
             raise ValueError("a job needs at least one piece of audio")
         self.work = [Work(self, i, f) for i, f in enumerate(features)]
         self.prompt = prompt
         self.summary_fields = list(summary_fields or [])  # tag fields whose labels the voice summary gives
+        self.ctc_words = ctc_words  # srwt words timed by the CTC alignment (generation.word_times "ctc")
         self.generation = generation
         # Only pieces with identical decoding settings can share one generate call.
         self.key = json.dumps(dataclasses.asdict(generation), sort_keys=True)
@@ -271,6 +277,13 @@ class Batcher:
         if fields:
             for work, labels in zip(batch, self.model.summary_labels(padded.to(device), lens.to(device), fields)):
                 work.labels = {f: labels[f] for f in work.job.summary_fields}
+        timed = [i for i, w in enumerate(batch) if w.job.ctc_words]
+        if timed:
+            texts = [self.model.tokenizer.decode(rows[i], skip_special_tokens=True) for i in timed]
+            index = torch.tensor(timed)
+            for i, (words, error) in zip(timed, ctc_words(self.model, texts, padded[index].to(device),
+                                                          lens[index].to(device), gen.ctc_time_offsets)):
+                batch[i].words, batch[i].words_error = words, error
         self.metrics.observe("osum_generate_seconds", time.perf_counter() - start)
         self.metrics.inc("osum_batches_total")
         self.metrics.observe("osum_batch_size", len(batch))
