@@ -1,4 +1,4 @@
-"""recipes/osum-tiny/run.sh at test scale: its training, evaluation and export stages (3–7) with the tiny
+"""recipes/osum-tiny/run.sh at test scale: its training, export and evaluation stages (3–7) with the tiny
 preset on generated clips; the voice and synthesis stages are covered by tests/test_synth.py."""
 from __future__ import annotations
 
@@ -14,9 +14,12 @@ from tests.data_fixtures import make_dataset
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_recipe_training_eval_export_stages(tmp_path):
-    listing = make_dataset(tmp_path, n=12, tasks=("asr+sgc", "asr+ser"))
+def test_recipe_training_export_eval_stages(tmp_path):
+    listing = make_dataset(tmp_path, n=12, tasks=("asr+sgc", "asr+ser", "srwt"))
     data = listing.parent
+    rows = [json.loads(line) for line in listing.read_text().splitlines()]
+    # the training split's word times, on which the export fits the CTC word-time offsets
+    (data / "train_synth_srwt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["task"] == "srwt"))
     (data / "mixture.yaml").write_text("train:\n  synth: {shards: list.jsonl}\nvalid:\n  synth: {shards: list.jsonl}\n")
     shutil.copy(listing, data / "test_synth_sgc.jsonl")
     shutil.copy(listing, data / "test_real.jsonl")
@@ -53,6 +56,9 @@ def test_recipe_training_eval_export_stages(tmp_path):
     released = json.loads((out / "config.json").read_text())
     assert (out / "README.md").read_text() == "model card of an earlier export\n"
     assert "lora" in released["stored_groups"] and released["model"]["lora"]["enabled"]  # LoRA kept apart
+    generation = released["model"]["generation"]
+    assert generation["word_times"] == "ctc" and len(generation["ctc_time_offsets"]) == 2
+    assert f"model: {out}" in (exp / "suite.yaml").read_text()  # stage 7 evaluates what stage 6 exported
     import osum
 
     assert osum.load(str(out)).understand(str(data / "wav" / "data-0000.wav"), task="asr+sgc")["task"] == "asr+sgc"

@@ -6,10 +6,11 @@
 #   STAGES="3 4 5" bash recipes/osum-tiny/run.sh   # some stages
 #   stages: 0 voices · 1 synthesize (shards + test lists) · 2 data stats · 3 CTC warm-up + train stage 1 ·
 #           4/5 train stage 2/3 ·
-#           6 evaluate (held-out voices and real recordings) · 7 average + export (bf16, LoRA kept apart)
+#           6 export (bf16, LoRA kept apart, CTC word-time offsets fitted) · 7 evaluate the exported model
+#           (held-out voices and real recordings)
 # On a GPU machine the same stages run there (training picks CUDA by itself); NPROC>1 uses torchrun DDP.
 # Environment: DATA, EXP, OUT (exported model), PRESET, SENTENCES, JOBS, STEPS0..3, NPROC, FINAL (the training
-# stage whose `final` stages 6 and 7 evaluate and export, default 3; 2 to release before stage 3); extra arguments
+# stage whose `final` stage 6 exports, default 3; 2 to release before stage 3); extra arguments
 # are dotted overrides for the three training stages (e.g. `precision=bf16 data.num_workers=2`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -54,9 +55,27 @@ fi
 if run_stage 4; then train 2 "${STEPS2:-1000}" "${shift_args[@]}"; fi
 if run_stage 5; then train 3 "${STEPS3:-1000}" "${shift_args[@]}"; fi
 if run_stage 6; then
+  # export replaces the folder; a model card already there (README.md) is kept, to be updated by hand
+  card=""
+  if [ -f "$OUT/README.md" ]; then
+    card=$(mktemp)
+    cp "$OUT/README.md" "$card"
+  fi
+  # srwt word times from the CTC alignment, its offsets fitted on the training split's word times
+  fit=()
+  if [ -f "$DATA/train_synth_srwt.jsonl" ]; then fit=(--fit-word-times "$DATA/train_synth_srwt.jsonl"); fi
+  "$OSUM" export "$EXP/stage$FINAL/final" --keep-lora --dtype bfloat16 "${fit[@]}" --out "$OUT"
+  if [ -n "$card" ]; then
+    mv "$card" "$OUT/README.md"
+    chmod 644 "$OUT/README.md"
+    echo "kept the model card $OUT/README.md: update its figures for the new weights"
+  fi
+  du -sh "$OUT"
+fi
+if run_stage 7; then
   suite="$EXP/suite.yaml"
   {
-    echo "model: $(absolute "$EXP")/stage$FINAL/final"
+    echo "model: $(absolute "$OUT")"
     echo "out: $(absolute "$EXP")/eval"
     echo "defaults: {normalizer: auto, batch_size: 16, decoding: greedy}"
     echo "runs:"
@@ -71,19 +90,4 @@ if run_stage 6; then
     fi
   } > "$suite"
   "$OSUM" eval --suite "$suite"
-fi
-if run_stage 7; then
-  # export replaces the folder; a model card already there (README.md) is kept, to be updated by hand
-  card=""
-  if [ -f "$OUT/README.md" ]; then
-    card=$(mktemp)
-    cp "$OUT/README.md" "$card"
-  fi
-  "$OSUM" export "$EXP/stage$FINAL/final" --keep-lora --dtype bfloat16 --out "$OUT"
-  if [ -n "$card" ]; then
-    mv "$card" "$OUT/README.md"
-    chmod 644 "$OUT/README.md"
-    echo "kept the model card $OUT/README.md: update its figures for the new weights"
-  fi
-  du -sh "$OUT"
 fi
