@@ -609,3 +609,35 @@ def test_word_timestamps_from_ctc_match_the_engine():
     assert r.osum["raw"] == want["raw"]
     assert [(w.word, w.start, w.end) for w in r.words] == [(w["word"], w["start"], w["end"]) for w in want["words"]]
     assert not any(tasks.is_span_error(e) for e in r.osum.get("parse_errors", []))
+
+
+class LoopingModel(ScriptedModel):
+    """Writes a loop unless decoding with a repetition penalty of at least 1.3; records each call's penalty."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.penalties = []
+
+    def generate_ids(self, features, feature_lens, prompts, generation=None, streamer=None, stopping_criteria=None):
+        self.penalties.append(generation.repetition_penalty)
+        text = "a plain answer" if generation.repetition_penalty >= 1.3 else "a kind of " * 30
+        rows = [self._model.prompts.encode(text) for _ in prompts]
+        if streamer is not None:
+            for step in range(len(rows[0])):
+                streamer.put(torch.tensor([r[step] for r in rows]))
+        return rows
+
+
+def test_server_decodes_looping_answers_again_unless_already_streamed(tiny_model):
+    """The engine's loop guard in the server: a looping answer is decoded again with each fallback penalty in
+    turn (counted in /metrics); a streamed one keeps the text its client already received."""
+    model = LoopingModel(tiny_model)
+    with live_server(model, max_wait_ms=5) as url:
+        api = client(url)
+        messages = user(text_part("Transcribe the audio."), audio_part(EXAMPLE))
+        r = api.chat.completions.create(model="tiny", messages=messages)
+        assert r.choices[0].message.content == "a plain answer" and model.penalties == [1.0, 1.1, 1.3]
+        assert metric(url, "osum_redecoded_pieces_total") == 1
+        chunks = list(api.chat.completions.create(model="tiny", messages=messages, stream=True))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert streamed.startswith("a kind of a kind of") and model.penalties[3:] == [1.0]

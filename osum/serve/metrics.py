@@ -120,7 +120,8 @@ def server_metrics() -> Metrics:
     m.counter("osum_generated_tokens_total", "tokens generated, stop tokens excluded")
     m.counter("osum_audio_seconds_total", "seconds of audio in admitted requests")
     m.counter("osum_cancelled_total", "requests whose work was cancelled, by reason")
+    m.counter("osum_redecoded_pieces_total", "pieces decoded again because their output looped (loop guard)")
     for name in ("osum_queue_depth", "osum_queue_pieces", "osum_batches_total", "osum_generated_tokens_total",
-                 "osum_audio_seconds_total"):
+                 "osum_audio_seconds_total", "osum_redecoded_pieces_total"):
         m.set(name, 0)  # unlabelled series exist from the start
     return m
