@@ -222,11 +222,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         from osum.model.align import fit_model_offsets
 
         with torch.inference_mode():
-            start, end, n = fit_model_offsets(model.eval(), read_eval_set(args.fit_word_times))
+            start, end, n, skipped = fit_model_offsets(model.eval(), read_eval_set(args.fit_word_times))
         model.config.generation = dataclasses.replace(model.config.generation, word_times="ctc",
                                                       ctc_time_offsets=[start, end])
+        left_out = "; ".join(f"{count} rows left out: {why}" for why, count in skipped.items())
         print(f"word times from CTC, offsets fitted on {n} words of {args.fit_word_times}: "
-              f"start {start:+.3f} s, end {end:+.3f} s", file=sys.stderr)
+              f"start {start:+.3f} s, end {end:+.3f} s" + (f" ({left_out})" if left_out else ""), file=sys.stderr)
     dtype = torch_dtype(args.dtype) if args.dtype else None
     if args.format == "osum" and args.keep_lora:
         out = checkpoint.save(model, args.out, dtype=dtype)  # only the trained parts; base models by name

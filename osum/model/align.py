@@ -126,17 +126,21 @@ def fit_offsets(pairs: Sequence[tuple[Sequence[tasks.Word], Sequence[tasks.Word]
     return round(statistics.median(starts), 3), round(statistics.median(ends), 3), len(starts)
 
 
-def fit_model_offsets(model, rows: Sequence[dict]) -> tuple[float, float, int]:
+def fit_model_offsets(model, rows: Sequence[dict]) -> tuple[float, float, int, dict[str, int]]:
     """`fit_offsets` for `model` on labelled utterances: rows with an `audio` path, the `text` and its
-    reference `words` ([{word, start, end}]); rows without words are an error, not skipped."""
-    pairs = []
+    reference `words` ([{word, start, end}]). Also returns how many rows were left out, by reason (no word
+    times in the row; a transcript longer than CTC can place in the audio)."""
+    pairs, skipped = [], {"no text or words": 0, "transcript too long for the audio": 0}
     for row in rows:
         if not row.get("words") or not row.get("text"):
-            raise ValueError(f"{row.get('key', row.get('audio'))}: fitting word times needs `text` and `words`")
+            skipped["no text or words"] += 1
+            continue
         ref = [tasks.Word(w["word"], float(w["start"]), float(w["end"])) for w in row["words"]]
         mel = A.log_mel_spectrogram(A.load_audio(row["audio"]), n_mels=model.config.audio.n_mels).T[None]
         words = model.word_times(mel.to(model.device), torch.tensor([mel.shape[1]], device=model.device),
                                  [row["text"]])[0]
-        if words is not None:
-            pairs.append((ref, words))
-    return fit_offsets(pairs)
+        if words is None:
+            skipped["transcript too long for the audio"] += 1
+            continue
+        pairs.append((ref, words))
+    return (*fit_offsets(pairs), {k: v for k, v in skipped.items() if v})
