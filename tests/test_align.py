@@ -175,10 +175,12 @@ def test_export_fits_word_time_offsets(tmp_path, tiny_model, capsys):
         refs = [{"word": w.word, "start": w.start - 0.2, "end": w.end + 0.1} for w in words]
         rows.append({"key": f"u{i}", "audio": str(Path(clip).resolve()), "text": text, "words": refs})
     data = tmp_path / "fit.jsonl"
+    rows.append({"key": "untimed", "audio": rows[0]["audio"], "text": TEXTS[0]})  # no words: counted, left out
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     source = checkpoint.save(tiny_model, tmp_path / "ckpt")
     assert main(["export", str(source), "--keep-lora", "--out", str(tmp_path / "out"), "--fit-word-times", str(data)]) == 0
     generation = json.loads((tmp_path / "out" / "config.json").read_text())["model"]["generation"]
     assert generation["word_times"] == "ctc"
     assert generation["ctc_time_offsets"] == pytest.approx([-0.2, 0.1], abs=0.002)
-    assert "offsets fitted on" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "offsets fitted on" in err and "1 rows left out: no text or words" in err
