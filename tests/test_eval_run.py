@@ -2,6 +2,7 @@
 on the same outputs; `osum eval --suite` writes one table."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -155,6 +156,20 @@ def test_eval_options_spell_out_the_command(tiny_model, tmp_path):
     assert summary["command"] == (f"osum eval --model tiny --data {data} --task only:sgc --out {tmp_path / 'out'} "
                                   "--metric auto --normalizer auto --batch-size 16 --decoding greedy --device cpu "
                                   "--max-new-tokens 4 --no-plots")
+    assert summary["run"]["generation"]["max_new_tokens"] == 4
+    assert "Decoding defaults of the model" not in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_eval_report_names_answers_that_do_not_come_from_the_text(tiny_model, tmp_path, monkeypatch):
+    """Labels from the voice summary and CTC word times are the model's defaults, not options: the report says so."""
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"key": "a", "audio": str(EXAMPLES / "asterisk_weasels_8k.wav"), "text": "x"}) + "\n")
+    gen = dataclasses.replace(tiny_model.config.generation, word_times="ctc", ctc_time_offsets=[-0.125, -0.021])
+    monkeypatch.setattr(tiny_model.config, "generation", gen)
+    summary = evaluate(tiny_model, data, "srwt", tmp_path / "out", EvalOptions(max_new_tokens=4, plots=False))
+    assert summary["run"]["generation"]["word_times"] == "ctc"
+    assert "srwt word times from the CTC alignment of the transcript (offsets -0.125 s start, -0.021 s end)" in (
+        tmp_path / "out" / "report.md").read_text()
 
 
 def test_eval_sttc_with_a_local_judge(tiny_model, tmp_path, judge_server):

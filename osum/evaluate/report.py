@@ -315,12 +315,25 @@ def headline(summary: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def _sources_of_answers(gen: dict) -> list[str]:
+    """Report lines for the model's decoding defaults that take parts of an answer from outside the LLM's text."""
+    lines = []
+    if gen.get("summary_tags"):
+        lines.append(f"- labels read off the voice summary, not the text: {', '.join(gen['summary_tags'])}")
+    if gen.get("word_times") == "ctc":
+        start, end = gen.get("ctc_time_offsets", [0.0, 0.0])
+        lines.append(f"- srwt word times from the CTC alignment of the transcript (offsets {start:+.3f} s start, "
+                     f"{end:+.3f} s end)")
+    return ["Decoding defaults of the model (`generation` in summary.json):", "", *lines, ""] if lines else []
+
+
 def render_markdown(summary: dict) -> str:
     run = summary.get("run", {})
     c = summary["counts"]
     lines = [f"# osum eval: {run.get('data', '?')} · task {run.get('task', '?')}", ""]
     if summary.get("command"):
         lines += ["Command (every option spelled out):", "", "```", summary["command"], "```", ""]
+    lines += _sources_of_answers(run.get("generation") or {})
     lines += ["| model | utterances | failed | missing output | with parse errors | audio s | wall s |",
               "|---|---|---|---|---|---|---|",
               f"| {run.get('model', '?')} | {c['utterances']} | {c['failed']} | {c['missing_hyp']} | "
