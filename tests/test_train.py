@@ -165,6 +165,11 @@ def test_summary_weight_teaches_the_summary_position_the_tags(tmp_path):
         tags = model.tag_vectors("gender").float()
         guess = (positions[:, 0].float() @ (tags - tags.mean(0)).T).argmax(-1).tolist()
     assert [tasks.LABELS["gender"][g] for g in guess] == [g for _, g in TARGETS]
+    # validation logs the summary's own accuracy per labelled field: here every utterance is right
+    trainer.cfg.data = NoData(valid=["fake"])
+    trainer.validate()
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["valid_summary_acc_gender"] == 1.0 and "valid_summary_acc_emotion" not in last, last
     with pytest.raises(ValueError, match="summary_layers"):
         train_config(tmp_path, summary_weight=1.0)
 

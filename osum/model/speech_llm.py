@@ -52,6 +52,7 @@ class ForwardOutput:
     ctc_loss: torch.Tensor | None = None  # per transcript token, when transcripts were given
     ctc_greedy: list[list[int]] | None = None  # in eval mode with transcripts: each item's greedy CTC tokens
     summary_loss: torch.Tensor | None = None  # with labels and a voice summary: see SpeechLLM.summary_loss
+    summary_hits: dict[str, tuple[int, int]] | None = None  # in eval mode with it: field -> (right, labelled)
 
 
 class SpeechLLM(nn.Module):
@@ -214,10 +215,13 @@ class SpeechLLM(nn.Module):
             ctc_logits = self.ctc_logits(adaptor_out)  # once, for the loss and (in eval mode) the greedy transcripts
             ctc = self.ctc_loss(ctc_logits, adaptor_lens, transcripts)
             greedy = None if self.training else self.ctc_greedy(ctc_logits, adaptor_lens)
-        summary_loss = self.summary_loss(summary, labels) if summary is not None and labels is not None else None
+        summary_loss = hits = None
+        if summary is not None and labels is not None:
+            summary_loss = self.summary_loss(summary, labels)
+            hits = None if self.training else self.summary_hits(summary, labels)
         if not lm:
             return ForwardOutput(loss=ctc.new_zeros(()), num_tokens=0, ctc_loss=ctc, ctc_greedy=greedy,
-                                 summary_loss=summary_loss)
+                                 summary_loss=summary_loss, summary_hits=hits)
         target_ids = [self.prompts.target_ids(t) if isinstance(t, str) else list(t) for t in targets]
         batch = self.assemble(*self._audio_positions(adaptor_out, adaptor_lens, summary),
                               self._as_prompt_ids(prompts), target_ids)
@@ -234,7 +238,7 @@ class SpeechLLM(nn.Module):
         logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()  # (N, V)
         loss = F.cross_entropy(logits, shift_labels[keep])
         return ForwardOutput(loss=loss, num_tokens=int(keep.sum()), ctc_loss=ctc, ctc_greedy=greedy,
-                             summary_loss=summary_loss)
+                             summary_loss=summary_loss, summary_hits=hits)
 
     def tag_vectors(self, field: str) -> torch.Tensor:
         """(C, H): each label of a tag field as the LLM reads its tag (`<male>`): the mean of its tokens' input
@@ -267,6 +271,17 @@ class SpeechLLM(nn.Module):
             total = total + F.cross_entropy(logits, torch.tensor(target, device=logits.device), reduction="sum")
             count += len(rows)
         return total / count if count else None
+
+    @torch.no_grad()
+    def summary_hits(self, summary: torch.Tensor, labels: list[dict[str, str]]) -> dict[str, tuple[int, int]]:
+        """Per tag field: how many labelled items the summary position's best tag gets right, of how many."""
+        out = {}
+        for field in tasks.TAG_FIELDS:
+            rows = [(i, item[field]) for i, item in enumerate(labels) if item.get(field) in tasks.LABELS[field]]
+            if rows:
+                best = self._summary_logits(summary[[i for i, _ in rows]], field).argmax(-1).tolist()
+                out[field] = (sum(tasks.LABELS[field][b] == label for b, (_, label) in zip(best, rows)), len(rows))
+        return out
 
     def _summary_logits(self, summary: torch.Tensor, field: str) -> torch.Tensor:
         """(N, H) summary positions → (N, C) scores of the field's labels (see `summary_loss`)."""

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from osum import tasks
 from osum.config import OptimConfig, TrainConfig, save
 from osum.evaluate import metrics, normalize
 from osum.model import checkpoint
@@ -337,6 +338,7 @@ class Trainer:
         self.engine.eval()
         loss_sum = tokens = other_sum = other_tokens = ctc_sum = batches = ctc_errors = ctc_words = 0.0
         summary_sum = summary_batches = 0.0
+        field_hits = {f: [0.0, 0.0] for f in tasks.TAG_FIELDS}  # the voice summary's right / labelled, per field
         for batch in self._loader("valid", 0):
             n = batch["num_target_tokens"]
             out = self._forward(batch, ctc=self.cfg.ctc_weight > 0)
@@ -345,6 +347,9 @@ class Trainer:
             if out.summary_loss is not None:
                 summary_sum += out.summary_loss.item()
                 summary_batches += 1
+            for f, (right, labelled) in (out.summary_hits or {}).items():
+                field_hits[f][0] += right
+                field_hits[f][1] += labelled
             if out.ctc_loss is not None:
                 ctc_sum += out.ctc_loss.item()
                 batches += 1
@@ -363,9 +368,9 @@ class Trainer:
                 other_sum += other * n
                 other_tokens += n
         (loss_sum, tokens, other_sum, other_tokens, ctc_sum, batches, ctc_errors, ctc_words, summary_sum,
-         summary_batches) = distributed.all_reduce_sum(
+         summary_batches, *hits) = distributed.all_reduce_sum(
             [loss_sum, tokens, other_sum, other_tokens, ctc_sum, batches, ctc_errors, ctc_words, summary_sum,
-             summary_batches], self.info)
+             summary_batches, *(n for f in tasks.TAG_FIELDS for n in field_hits[f])], self.info)
         self.engine.train()
         value = loss_sum / max(tokens, 1)
         if self.info.is_main:
@@ -376,6 +381,9 @@ class Trainer:
                 record["valid_ctc_loss"] = ctc_sum / batches  # mean over batches
             if summary_batches:
                 record["valid_summary_loss"] = summary_sum / summary_batches  # mean over batches
+            for f, right, labelled in zip(tasks.TAG_FIELDS, hits[::2], hits[1::2]):
+                if labelled:
+                    record[f"valid_summary_acc_{f}"] = right / labelled  # the summary's own best tag
             if ctc_words:
                 record["valid_ctc_wer"] = ctc_errors / ctc_words  # the adaptor's greedy CTC transcripts
             self._log(record)
