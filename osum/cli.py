@@ -207,15 +207,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = checkpoint.load(args.model)
     if args.generation:
         # Decoding defaults only: the weights fix every other setting.
-        import dataclasses
-
         from osum.config import GenerationConfig, apply_overrides, from_dict
 
         settings = apply_overrides(dataclasses.asdict(model.config.generation), args.generation)
         model.config.generation = from_dict(GenerationConfig, settings, "generation.")
     if args.fit_word_times:
-        import dataclasses
-
         import torch
 
         from osum.evaluate.run import read_eval_set

@@ -9,9 +9,10 @@ import dataclasses
 import logging
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from osum.model.speech_llm import SpeechLLM
 log = logging.getLogger(__name__)
 
 Source = str | Path | bytes | np.ndarray
+T = TypeVar("T")
 
 
 @dataclass
@@ -129,28 +131,25 @@ class Engine:
 
     def _generate(self, batch: list[Piece], prompt: str, spec: tasks.TaskSpec | None = None) -> None:
         features = self._padded(batch)
-        for piece, text in zip(batch, self.model.generate(*features, [prompt] * len(batch), self.generation)):
+
+        def decode(index: list[int], generation: GenerationConfig) -> list[str]:
+            again = [batch[i] for i in index]
+            return self.model.generate(*self._padded(again), [prompt] * len(again), generation)
+
+        texts = self.model.generate(*features, [prompt] * len(batch), self.generation)
+        looped = redecode_loops(texts, str, decode, self.generation)
+        if looped:
+            self.stats.redecoded += looped
+            log.info("%d of %d outputs repeated themselves (compression ratio > %s): decoded them again",
+                     looped, len(batch), self.generation.compression_ratio_threshold)
+        for piece, text in zip(batch, texts):
             piece.text = text
+        self.stats.batches += 1
+        self.stats.batch_sizes.append(len(batch))
         fields = [f for f in (spec.fields if spec is not None else ()) if f in self.generation.summary_tags]
         if fields:
             for piece, labels in zip(batch, self.model.summary_labels(*features, fields)):
                 piece.labels = labels
-        self.stats.batches += 1
-        self.stats.batch_sizes.append(len(batch))
-        limit = self.generation.compression_ratio_threshold
-        looped = [p for p in batch if limit is not None and compression_ratio(p.text) > limit]
-        if looped:
-            self.stats.redecoded += len(looped)
-            log.info("%d of %d outputs repeat themselves (compression ratio > %s): decoding them again",
-                     len(looped), len(batch), limit)
-        for penalty in self.generation.fallback_repetition_penalties:
-            if not looped:
-                break
-            retry = dataclasses.replace(self.generation, repetition_penalty=penalty)
-            for piece, text in zip(looped, self.model.generate(*self._padded(looped), [prompt] * len(looped), retry)):
-                if compression_ratio(text) < compression_ratio(piece.text):
-                    piece.text = text
-            looped = [p for p in looped if compression_ratio(p.text) > limit]
         if spec is not None and spec.base == "srwt" and self.generation.word_times == "ctc":
             timed = ctc_words(self.model, [p.text for p in batch], *features, self.generation.ctc_time_offsets)
             for piece, (words, error) in zip(batch, timed):
@@ -205,6 +204,29 @@ class Engine:
             self.stats.audio_seconds += result["duration"]
             result.update(merge(item_pieces, spec))
         return results
+
+
+def redecode_loops(outputs: list[T], text_of: Callable[[T], str], decode: Callable[[list[int], GenerationConfig], list[T]],
+                   generation: GenerationConfig, candidates: Iterable[int] | None = None) -> int:
+    """The loop guard (as openai/whisper's): outputs whose text compresses more than
+    generation.compression_ratio_threshold are decoded again, `decode(indices, settings)`, with each fallback
+    repetition penalty in turn, and one is replaced when the new output repeats itself less. Changes `outputs`
+    in place; returns how many looped at first. `candidates` limits which outputs may be decoded again."""
+    limit = generation.compression_ratio_threshold
+    if limit is None:
+        return 0
+    ratios = [compression_ratio(text_of(o)) for o in outputs]
+    looped = [i for i in (range(len(outputs)) if candidates is None else candidates) if ratios[i] > limit]
+    first = len(looped)
+    for penalty in generation.fallback_repetition_penalties:
+        if not looped:
+            break
+        for i, new in zip(looped, decode(looped, dataclasses.replace(generation, repetition_penalty=penalty))):
+            ratio = compression_ratio(text_of(new))
+            if ratio < ratios[i]:
+                outputs[i], ratios[i] = new, ratio
+        looped = [i for i in looped if ratios[i] > limit]
+    return first
 
 
 def ctc_words(model: SpeechLLM, texts: list[str], features: torch.Tensor, feature_lens: torch.Tensor,

@@ -275,12 +275,21 @@ class SpeechLLM(nn.Module):
     @torch.no_grad()
     def summary_hits(self, summary: torch.Tensor, labels: list[dict[str, str]]) -> dict[str, tuple[int, int]]:
         """Per tag field: how many labelled items the summary position's best tag gets right, of how many."""
+        fields = [f for f in tasks.TAG_FIELDS if any(item.get(f) in tasks.LABELS[f] for item in labels)]
+        guesses = self._read_summary(summary, fields)
         out = {}
-        for field in tasks.TAG_FIELDS:
-            rows = [(i, item[field]) for i, item in enumerate(labels) if item.get(field) in tasks.LABELS[field]]
-            if rows:
-                best = self._summary_logits(summary[[i for i, _ in rows]], field).argmax(-1).tolist()
-                out[field] = (sum(tasks.LABELS[field][b] == label for b, (_, label) in zip(best, rows)), len(rows))
+        for field in fields:
+            pairs = [(item[field], guess[field]) for item, guess in zip(labels, guesses)
+                     if item.get(field) in tasks.LABELS[field]]
+            out[field] = (sum(label == guess for label, guess in pairs), len(pairs))
+        return out
+
+    def _read_summary(self, summary: torch.Tensor, fields: list[str]) -> list[dict[str, str]]:
+        """(B, H) summary positions → each item's best-scoring label of each field."""
+        out: list[dict[str, str]] = [{} for _ in range(summary.shape[0])]
+        for field in fields:
+            for row, best in zip(out, self._summary_logits(summary, field).argmax(-1).tolist()):
+                row[field] = tasks.LABELS[field][best]
         return out
 
     def _summary_logits(self, summary: torch.Tensor, field: str) -> torch.Tensor:
@@ -296,12 +305,7 @@ class SpeechLLM(nn.Module):
         `summary_loss` trains it), the way Whisper reads the language off one step's language-token logits."""
         if self.summary is None:
             raise ValueError("this model has no voice summary to read labels from (model.adaptor.summary_layers)")
-        _, _, summary = self._encode(features, feature_lens)
-        out: list[dict[str, str]] = [{} for _ in range(summary.shape[0])]
-        for field in fields:
-            for row, best in zip(out, self._summary_logits(summary, field).argmax(-1).tolist()):
-                row[field] = tasks.LABELS[field][best]
-        return out
+        return self._read_summary(self._encode(features, feature_lens)[2], fields)
 
     @property
     def seconds_per_position(self) -> float:

@@ -22,7 +22,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from osum import tasks
 from osum.config import GenerationConfig
-from osum.infer.engine import compression_ratio, ctc_words
+from osum.infer.engine import ctc_words, redecode_loops
 from osum.model.prompt import PromptIds
 from osum.serve.metrics import Metrics
 
@@ -256,36 +256,6 @@ class Batcher:
                 log.exception("batched generate failed for %d pieces", len(batch))
                 self._fail(batch, exc)
 
-    def _redecode_loops(self, batch: list[Work], rows: list[list[int]], padded: torch.Tensor, lens: torch.Tensor,
-                        gen: GenerationConfig) -> None:
-        """The engine's loop guard for pieces whose text was not streamed: an output that compresses more than
-        generation.compression_ratio_threshold is decoded again with each fallback repetition penalty in turn,
-        and the least repetitive text is kept. Streamed pieces keep what their client already has."""
-        limit = gen.compression_ratio_threshold
-        if limit is None:
-            return
-
-        def ratio(row: list[int]) -> float:
-            return compression_ratio(self.model.tokenizer.decode(row, skip_special_tokens=True))
-
-        looped = [i for i, w in enumerate(batch) if w.job.on_tokens is None and ratio(rows[i]) > limit]
-        if looped:
-            self.metrics.inc("osum_redecoded_pieces_total", len(looped))
-        device = self.model.device
-        for penalty in gen.fallback_repetition_penalties:
-            if not looped:
-                return
-            index = torch.tensor(looped)
-            subset = [batch[i] for i in looped]
-            again = self.model.generate_ids(
-                padded[index].to(device), lens[index].to(device), [w.job.prompt for w in subset],
-                dataclasses.replace(gen, repetition_penalty=penalty),
-                stopping_criteria=StoppingCriteriaList([_Cancelled(subset)]))
-            for i, row in zip(looped, again):
-                if ratio(row) < ratio(rows[i]):
-                    rows[i] = row
-            looped = [i for i in looped if ratio(rows[i]) > limit]
-
     def _generate(self, batch: list[Work]) -> None:
         gen = batch[0].job.generation
         feats = [w.features for w in batch]
@@ -303,7 +273,17 @@ class Batcher:
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([_Cancelled(batch)]),
         )
-        self._redecode_loops(batch, rows, padded, lens, gen)
+        # The engine's loop guard, for pieces whose text was not streamed (a streamed one keeps what its client has).
+        def decode(index: list[int], generation: GenerationConfig) -> list[list[int]]:
+            again = [batch[i] for i in index]
+            return self.model.generate_ids(padded[index].to(device), lens[index].to(device),
+                                           [w.job.prompt for w in again], generation,
+                                           stopping_criteria=StoppingCriteriaList([_Cancelled(again)]))
+
+        looped = redecode_loops(rows, lambda row: self.model.tokenizer.decode(row, skip_special_tokens=True), decode,
+                                gen, candidates=[i for i, w in enumerate(batch) if w.job.on_tokens is None])
+        if looped:
+            self.metrics.inc("osum_redecoded_pieces_total", looped)
         fields = sorted({f for w in batch for f in w.job.summary_fields})
         if fields:
             for work, labels in zip(batch, self.model.summary_labels(padded.to(device), lens.to(device), fields)):
