@@ -224,6 +224,24 @@ def cmd_export(args: argparse.Namespace) -> int:
         left_out = "; ".join(f"{count} rows left out: {why}" for why, count in skipped.items())
         print(f"word times from CTC, offsets fitted on {n} words of {args.fit_word_times}: "
               f"start {start:+.3f} s, end {end:+.3f} s" + (f" ({left_out})" if left_out else ""), file=sys.stderr)
+    if args.fit_tag_heads:
+        from osum.evaluate.run import read_eval_set
+        from osum.model.tag_heads import fit_model_head
+
+        for spec in args.fit_tag_heads:
+            field, sep, path = spec.partition("=")
+            if not sep or not path:
+                raise SystemExit(f"--fit-tag-heads {spec!r}: expected FIELD=LIST.jsonl, e.g. event=train_ved.jsonl")
+            fit = fit_model_head(model.eval(), field, read_eval_set(path), reg=args.tag_head_reg,
+                                 group_by=args.tag_head_groups)
+            cv = "n/a (one fold)" if fit.cv_accuracy is None else f"{fit.cv_accuracy:.3f}"
+            left_out = "; ".join(f"{count} rows left out: {why}" for why, count in fit.skipped.items())
+            print(f"{field} head fitted on {fit.rows} utterances of {path}: training accuracy "
+                  f"{fit.train_accuracy:.3f}, 5-fold accuracy {cv} (held out together: {fit.cv_groups})"
+                  + (f" ({left_out})" if left_out else ""), file=sys.stderr)
+            if field not in model.config.generation.summary_tags:
+                model.config.generation = dataclasses.replace(
+                    model.config.generation, summary_tags=[*model.config.generation.summary_tags, field])
     dtype = torch_dtype(args.dtype) if args.dtype else None
     if args.format == "osum" and args.keep_lora:
         out = checkpoint.save(model, args.out, dtype=dtype)  # only the trained parts; base models by name
@@ -345,6 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-word-times", metavar="LIST.jsonl",
                    help="srwt word times from the CTC alignment (generation.word_times=ctc), with the start and end "
                         "offsets fitted on these labelled utterances (rows with audio, text and words)")
+    p.add_argument("--fit-tag-heads", action="append", default=[], metavar="FIELD=LIST.jsonl",
+                   help="fit a linear head for a tag field (event, age, ...) over the voice summary's pooled "
+                        "statistics on these labelled utterances, and read that field off it "
+                        "(generation.summary_tags); repeatable")
+    p.add_argument("--tag-head-reg", type=float, default=1e-2,
+                   help="L2 penalty of the tag heads' fit, on standardised statistics (default 0.01)")
+    p.add_argument("--tag-head-groups", metavar="KEY",
+                   help="row key (dotted, e.g. extra.event.clip) whose groups the fit's cross-validation holds out "
+                        "together; default each utterance alone")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list presets and named base models, and which load offline")

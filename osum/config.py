@@ -77,6 +77,10 @@ class AdaptorConfig:
     # (osum/model/adaptor.py VoiceSummary): gender or age belong to the whole utterance, and frame by frame the
     # LLM must learn to pool them itself from one tag token's gradient. [] = no such position (Whisper, OSUM).
     summary_layers: list[int] = field(default_factory=list)
+    # Tag fields with a linear head over the voice summary's pooled statistics, fitted after training
+    # (`osum export --fit-tag-heads`, osum/model/tag_heads.py); `generation.summary_tags` then reads those
+    # fields off their head instead of the summary position's own scores. Set by the export, not by hand.
+    tag_heads: list[str] = field(default_factory=list)
     # Keep the position table in the checkpoint instead of recomputing it: OSUM's infer.pt stores it
     # bf16-rounded, and exact parity needs those values.
     store_positions: bool = False

@@ -170,6 +170,12 @@ def test_eval_report_names_answers_that_do_not_come_from_the_text(tiny_model, tm
     assert summary["run"]["generation"]["word_times"] == "ctc"
     assert "srwt word times from the CTC alignment of the transcript (offsets -0.125 s start, -0.021 s end)" in (
         tmp_path / "out" / "report.md").read_text()
+    assert summary["run"]["tag_heads"] == []
+    from osum.evaluate.report import _sources_of_answers
+
+    lines = _sources_of_answers({"summary_tags": ["gender", "event"]}, ["event"])
+    assert "- labels read off the voice summary, not the text: gender, event (event by a linear head fitted on its " \
+           "statistics)" in lines
 
 
 def test_eval_sttc_with_a_local_judge(tiny_model, tmp_path, judge_server):

@@ -15,11 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_recipe_training_export_eval_stages(tmp_path):
-    listing = make_dataset(tmp_path, n=12, tasks=("asr+sgc", "asr+ser", "srwt"))
+    listing = make_dataset(tmp_path, n=16, tasks=("asr+sgc", "asr+ser", "srwt", "asr+ved"))
     data = listing.parent
     rows = [json.loads(line) for line in listing.read_text().splitlines()]
-    # the training split's word times, on which the export fits the CTC word-time offsets
-    (data / "train_synth_srwt.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["task"] == "srwt"))
+    # the training split's word times and events, on which the export fits the CTC word-time offsets and the
+    # event head
+    for task, name in (("srwt", "srwt"), ("asr+ved", "ved")):
+        (data / f"train_synth_{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["task"] == task))
+    assert len({r["event"] for r in rows if r["task"] == "asr+ved"}) > 1
     (data / "mixture.yaml").write_text("train:\n  synth: {shards: list.jsonl}\nvalid:\n  synth: {shards: list.jsonl}\n")
     shutil.copy(listing, data / "test_synth_sgc.jsonl")
     shutil.copy(listing, data / "test_real.jsonl")
@@ -58,6 +61,8 @@ def test_recipe_training_export_eval_stages(tmp_path):
     assert "lora" in released["stored_groups"] and released["model"]["lora"]["enabled"]  # LoRA kept apart
     generation = released["model"]["generation"]
     assert generation["word_times"] == "ctc" and len(generation["ctc_time_offsets"]) == 2
+    assert released["model"]["adaptor"]["tag_heads"] == ["event"]
+    assert generation["summary_tags"] == ["gender", "age", "event"]
     assert f"model: {out}" in (exp / "suite.yaml").read_text()  # stage 7 evaluates what stage 6 exported
     import osum
 

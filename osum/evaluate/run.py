@@ -259,6 +259,7 @@ def evaluate(model, data: str | Path, task: str | None, out: str | Path, options
         "wall_seconds": round(wall, 2), "rtf": round(wall / audio_s, 4) if audio_s else None,
         "redecoded": engine.stats.redecoded, "osum_version": osum.__version__,
         "generation": dataclasses.asdict(gen),  # the decoding settings in full, the model's defaults included
+        "tag_heads": list(model.config.adaptor.tag_heads),  # summary_tags fields read off a fitted head
     }
     if command is None:
         command = " ".join(["osum", "eval", "--model", model_name, "--data", str(data), "--task", str(spec),

@@ -118,19 +118,39 @@ class VoiceSummary(nn.Module):
 
     The projection starts at zero, so the position begins as a learned constant (like speech-begin) and the
     pooled voice enters it as the tags' losses ask. Padding never reaches it: only valid frames are pooled.
+
+    `heads` are linear classifiers over the same pooled statistics, one per tag field (name → number of
+    labels), fitted after training (osum/model/tag_heads.py), not learned by it: the position's own tag scores
+    follow what the training audio holds, and a field with few distinct sources (the vocal events: about a
+    hundred clips) is learned by heart; a regularised linear fit on the frozen encoder's statistics generalises
+    further. The statistics depend on the encoder alone, so a head stays valid while the encoder is frozen.
     """
 
-    def __init__(self, layers: list[int], enc_dim: int, llm_dim: int):
+    def __init__(self, layers: list[int], enc_dim: int, llm_dim: int, heads: dict[str, int] | None = None):
         super().__init__()
         self.layers = list(layers)
+        self.stats_dim = 2 * enc_dim * len(self.layers)
         # skip_init: no draw from the random stream (see LayerMix); `base` and `norm` are set by the caller
-        self.proj = nn.utils.skip_init(nn.Linear, 2 * enc_dim * len(self.layers), llm_dim, bias=False)
+        self.proj = nn.utils.skip_init(nn.Linear, self.stats_dim, llm_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
         self.base = nn.Parameter(torch.zeros(llm_dim))
         self.norm = nn.LayerNorm(llm_dim)
+        self.heads = nn.ModuleDict({f: nn.utils.skip_init(nn.Linear, self.stats_dim, n)
+                                    for f, n in (heads or {}).items()})
+        for head in self.heads.values():
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
 
     def forward(self, hidden: list[torch.Tensor], lens: torch.Tensor) -> torch.Tensor:
         """hidden: the blocks' outputs (B, T', D_enc) each, lens (B,) valid frames → (B, D_llm)."""
+        return self.project(self.pool(hidden, lens))
+
+    def project(self, stats: torch.Tensor) -> torch.Tensor:
+        """(B, stats_dim) pooled statistics → (B, D_llm) the position."""
+        return self.norm(self.proj(stats.to(self.proj.weight.dtype)) + self.base)
+
+    def pool(self, hidden: list[torch.Tensor], lens: torch.Tensor) -> torch.Tensor:
+        """The pooled statistics the position is projected from: (B, 2 * D_enc * blocks), float32."""
         if len(hidden) != len(self.layers):
             raise ValueError(f"VoiceSummary takes blocks {self.layers}, got {len(hidden)} hidden states")
         T = hidden[0].shape[1]
@@ -142,5 +162,10 @@ class VoiceSummary(nn.Module):
             mean = (h * mask).sum(1) / count
             var = (((h - mean[:, None]) ** 2) * mask).sum(1) / count
             stats += [mean, (var + 1e-6).sqrt()]  # the epsilon keeps the gradient finite for a one-frame input
-        x = torch.cat(stats, -1).to(self.proj.weight.dtype)
-        return self.norm(self.proj(x) + self.base)
+        return torch.cat(stats, -1)
+
+    def head_scores(self, stats: torch.Tensor, field: str) -> torch.Tensor:
+        """(B, stats_dim) pooled statistics → (B, labels) scores of the field's fitted head."""
+        head = self.heads[field]  # in float32 whatever the model's dtype (see checkpoint._keep_fp32)
+        return F.linear(stats.float(), head.weight.float(), head.bias.float())
+

@@ -89,11 +89,18 @@ def write(
     missing = sorted(set(names) - set(source))
     if missing:
         raise KeyError(f"state to save lacks tensors of groups {groups}: {missing[:10]}")
-    state = {k: (source[k].detach().to(dtype) if dtype and source[k].is_floating_point() else source[k].detach())
-             .contiguous().cpu() for k in names}
+    state = {k: (source[k].detach().to(dtype) if dtype and source[k].is_floating_point() and not _keep_fp32(k)
+                 else source[k].detach()).contiguous().cpu() for k in names}
     meta = {"format_version": FORMAT_VERSION, "stored_groups": groups, "model": model.config.to_dict()}
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+def _keep_fp32(key: str) -> bool:
+    """The voice summary's fitted tag heads keep their dtype in a half-precision export: their weights hold the
+    fit's standardisation (divided by each statistic's spread), which can exceed fp16's range, and they are
+    a few thousand numbers."""
+    return key.startswith("summary.heads.")
 
 
 def read_config(model_dir: str | Path) -> tuple[ModelConfig, list[str]]:

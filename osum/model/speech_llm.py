@@ -95,11 +95,19 @@ class SpeechLLM(nn.Module):
         if cfg.adaptor.summary_layers:
             # Built last: its one random draw then leaves every other part's initialisation as it was.
             self._check_blocks("summary_layers", cfg.adaptor.summary_layers)
-            self.summary = VoiceSummary(cfg.adaptor.summary_layers, cfg.encoder.d_model, hidden)
+            unknown = [f for f in cfg.adaptor.tag_heads if f not in tasks.TAG_FIELDS]
+            if unknown:
+                raise ValueError(f"adaptor.tag_heads {unknown}: not tag fields ({', '.join(tasks.TAG_FIELDS)})")
+            self.summary = VoiceSummary(cfg.adaptor.summary_layers, cfg.encoder.d_model, hidden,
+                                        {f: len(tasks.LABELS[f]) for f in cfg.adaptor.tag_heads})
             with torch.no_grad():
                 self.summary.base.normal_(0, std)
                 self.summary.norm.weight.fill_(std)
             self.summary.requires_grad_(cfg.adaptor.trainable)
+            self.summary.heads.requires_grad_(False)  # fitted by osum/model/tag_heads.py, never by the optimiser
+        elif cfg.adaptor.tag_heads:
+            raise ValueError(f"adaptor.tag_heads {cfg.adaptor.tag_heads} read the voice summary's statistics: "
+                             "set adaptor.summary_layers")
         self.prompts = PromptBuilder(self.tokenizer, cfg.prompt.layout, cfg.prompt.system, cfg.prompt.end_token)
         self._tag_ids: dict[str, list[list[int]]] = {}  # each tag field's labels as token ids (tag_vectors)
 
@@ -302,10 +310,26 @@ class SpeechLLM(nn.Module):
     def summary_labels(self, features: torch.Tensor, feature_lens: torch.Tensor,
                        fields: list[str]) -> list[dict[str, str]]:
         """Each item's label of each field read off the voice summary position alone (the best-scoring tag, as
-        `summary_loss` trains it), the way Whisper reads the language off one step's language-token logits."""
+        `summary_loss` trains it), the way Whisper reads the language off one step's language-token logits; a
+        field with a fitted head (adaptor.tag_heads) is read off its head."""
         if self.summary is None:
             raise ValueError("this model has no voice summary to read labels from (model.adaptor.summary_layers)")
-        return self._read_summary(self._encode(features, feature_lens)[2], fields)
+        stats = self.summary_stats(features, feature_lens)
+        out = self._read_summary(self.summary.project(stats), [f for f in fields if f not in self.summary.heads])
+        for field in fields:
+            if field in self.summary.heads:
+                for row, best in zip(out, self.summary.head_scores(stats, field).argmax(-1).tolist()):
+                    row[field] = tasks.LABELS[field][best]
+        return out
+
+    @torch.no_grad()
+    def summary_stats(self, features: torch.Tensor, feature_lens: torch.Tensor) -> torch.Tensor:
+        """(B, stats_dim) the voice summary's pooled statistics of each item (VoiceSummary.pool), from the
+        encoder alone."""
+        if self.summary is None:
+            raise ValueError("this model has no voice summary (model.adaptor.summary_layers)")
+        _, encoder_lens, hidden = self.encoder.forward_layers(features, feature_lens, self.summary.layers)
+        return self.summary.pool(hidden, encoder_lens)
 
     @property
     def seconds_per_position(self) -> float:

@@ -1,0 +1,171 @@
+"""Fitting the voice summary's tag heads: a regularised linear classifier per tag field over the summary's pooled
+statistics of the frozen encoder (VoiceSummary.heads), fitted on labelled utterances after training.
+
+`osum export --fit-tag-heads event=LIST.jsonl` uses it. The fit is multinomial logistic regression with an L2
+penalty on standardised statistics, solved by L-BFGS; the standardisation is folded into the stored weights, so
+the head is one plain linear layer. It reports its training accuracy and a cross-validated one: with
+`group_by`, every utterance that shares a group (an event clip, a speaker) is held out together, which is what
+an unseen voice or clip will meet.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from osum import audio as A
+from osum import tasks
+
+
+@dataclass
+class HeadFit:
+    """What a fit found: the head (weight (C, D), bias (C,)) and how well it separates the rows."""
+
+    field: str
+    weight: torch.Tensor
+    bias: torch.Tensor
+    rows: int
+    train_accuracy: float
+    cv_accuracy: float | None  # None when the rows fall into fewer than two folds
+    cv_groups: str  # what a fold holds out together
+    skipped: dict[str, int]
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, reg: float = 1e-2,
+               max_iter: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-penalised multinomial logistic regression on (N, D) features `x`, labels `y` in [0, n_classes).
+    The features are standardised first (so `reg` means the same for every field and encoder); the returned
+    (C, D) weight and (C,) bias apply to the raw features."""
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"fit_linear needs as many labels as rows, at least one: got {x.shape[0]} and {y.shape[0]}")
+    # Callers may hold features made under torch.inference_mode: the fit needs autograd on copies of them.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit(x.clone().double(), y.clone(), n_classes, reg, max_iter)
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, n_classes: int, reg: float, max_iter: int
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, scale = x.mean(0), x.std(0, unbiased=False).clamp(min=1e-6)
+    z = (x - mean) / scale
+    w = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ w + b, y) + reg * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    weight = (w.detach() / scale[:, None]).T  # (C, D): z @ w == x @ (w / scale) - (mean / scale) @ w
+    bias = b.detach() - (mean / scale) @ w.detach()
+    return weight.float(), bias.float()
+
+
+def _fold(group: str, folds: int) -> int:
+    return int(hashlib.sha256(group.encode("utf-8")).hexdigest(), 16) % folds
+
+
+def _lookup(row: dict, dotted: str) -> str | None:
+    value = row
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return str(value)
+
+
+def cross_validate(x: torch.Tensor, y: torch.Tensor, groups: Sequence[str], n_classes: int, reg: float = 1e-2,
+                   folds: int = 5) -> float | None:
+    """Accuracy on each fold of a fit on the others, every group in one fold (by a hash of its name)."""
+    fold = torch.tensor([_fold(g, folds) for g in groups])
+    if len(set(fold.tolist())) < 2:
+        return None
+    right = 0
+    for k in sorted(set(fold.tolist())):
+        held = fold == k
+        weight, bias = fit_linear(x[~held], y[~held], n_classes, reg)
+        right += int(((x[held] @ weight.T + bias).argmax(-1) == y[held]).sum())
+    return right / len(y)
+
+
+@torch.no_grad()
+def pooled_stats(model, rows: Sequence[dict], batch_size: int = 8) -> list[torch.Tensor | None]:
+    """Each row's voice-summary statistics (`SpeechLLM.summary_stats`); None for audio longer than the
+    encoder's window (the summary of a longer input is not one pass)."""
+    mels = [A.log_mel_spectrogram(A.load_audio(row["audio"]), n_mels=model.config.audio.n_mels).T for row in rows]
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    fits = [i for i, m in enumerate(mels) if m.shape[0] <= model.encoder.max_frames]
+    fits.sort(key=lambda i: mels[i].shape[0])  # similar lengths together: less padding
+    for start in range(0, len(fits), batch_size):
+        index = fits[start:start + batch_size]
+        lens = torch.tensor([mels[i].shape[0] for i in index])
+        padded = nn.utils.rnn.pad_sequence([mels[i] for i in index], batch_first=True)
+        stats = model.summary_stats(padded.to(model.device), lens.to(model.device)).cpu()
+        for i, row in zip(index, stats):
+            out[i] = row
+    return out
+
+
+def fit_model_head(model, field: str, rows: Sequence[dict], reg: float = 1e-2, group_by: str | None = None,
+                   folds: int = 5) -> HeadFit:
+    """Fit `field`'s head on labelled rows (an `audio` path and the field's label) and install it in `model`
+    (its summary's heads and `config.adaptor.tag_heads`). Rows without a label of the field's vocabulary, or
+    with audio longer than one encoder pass, are counted by reason and left out."""
+    if model.summary is None:
+        raise ValueError("tag heads read the voice summary's statistics: the model has none "
+                         "(model.adaptor.summary_layers)")
+    if field not in tasks.TAG_FIELDS:
+        raise ValueError(f"tag head for {field!r}: not a tag field ({', '.join(tasks.TAG_FIELDS)})")
+    vocab = tasks.LABELS[field]
+    skipped = {f"no {field} label": 0, f"{field} label not in the vocabulary": 0,
+               "longer than one encoder pass": 0}
+    labelled = []
+    for row in rows:
+        if not row.get(field):
+            skipped[f"no {field} label"] += 1
+        elif row[field] not in vocab:
+            skipped[f"{field} label not in the vocabulary"] += 1
+        else:
+            labelled.append(row)
+    kept, xs = [], []
+    for row, stats in zip(labelled, pooled_stats(model, labelled)):
+        if stats is None:
+            skipped["longer than one encoder pass"] += 1
+        else:
+            kept.append(row)
+            xs.append(stats)
+    if len({row[field] for row in kept}) < 2:
+        raise ValueError(f"tag head for {field!r}: the rows hold {len(kept)} usable utterances of "
+                         f"{len({row[field] for row in kept})} label(s); a classifier needs at least two labels")
+    x = torch.stack(xs).float()
+    y = torch.tensor([vocab.index(row[field]) for row in kept])
+    weight, bias = fit_linear(x, y, len(vocab), reg)
+    train_accuracy = float(((x @ weight.T + bias).argmax(-1) == y).float().mean())
+    groups = [(_lookup(row, group_by) if group_by else None) or str(row.get("key", i)) for i, row in enumerate(kept)]
+    cv = cross_validate(x, y, groups, len(vocab), reg, folds)
+    install_head(model, field, weight, bias)
+    return HeadFit(field, weight, bias, len(kept), train_accuracy, cv, group_by or "each utterance",
+                   {k: v for k, v in skipped.items() if v})
+
+
+def install_head(model, field: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Put a (C, D) head into the model's voice summary and name its field in `config.adaptor.tag_heads`."""
+    summary = model.summary
+    n = len(tasks.LABELS[field])
+    if tuple(weight.shape) != (n, summary.stats_dim) or tuple(bias.shape) != (n,):
+        raise ValueError(f"head for {field!r} must be ({n}, {summary.stats_dim}) + ({n},), "
+                         f"got {tuple(weight.shape)} + {tuple(bias.shape)}")
+    head = nn.Linear(summary.stats_dim, n, device=summary.proj.weight.device)  # float32: checkpoint._keep_fp32
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    head.requires_grad_(False)
+    summary.heads[field] = head
+    if field not in model.config.adaptor.tag_heads:
+        model.config.adaptor.tag_heads = [*model.config.adaptor.tag_heads, field]
