@@ -42,6 +42,7 @@ def test_released_name_resolves_home_first_then_checkout(tmp_path, monkeypatch):
 
 
 def test_release_holds_only_the_trained_parts_in_bf16_under_60_mb():
+    """Base models by name; adaptor, layer mix, summary (with its event head), LoRA and speech embeddings."""
     meta = json.loads((RELEASE / CONFIG_FILE).read_text())
     assert meta["stored_groups"] == ["adaptor", "speech_embeds", "layer_mix", "summary", "lora"]
     model = meta["model"]
@@ -51,7 +52,12 @@ def test_release_holds_only_the_trained_parts_in_bf16_under_60_mb():
     with safe_open(str(RELEASE / WEIGHTS_FILE), framework="pt") as f:
         keys = list(f.keys())
         assert {group_of(k) for k in keys} == {"adaptor", "speech_embeds", "layer_mix", "summary", "lora"}
-        assert all(str(f.get_slice(k).get_dtype()) == "BF16" for k in keys)
+        # bf16 but the fitted event head, which keeps float32 (checkpoint._keep_fp32)
+        assert {k for k in keys if str(f.get_slice(k).get_dtype()) != "BF16"} == {
+            "summary.heads.event.weight", "summary.heads.event.bias"}
+        assert all(str(f.get_slice(k).get_dtype()) == "F32" for k in keys if k.startswith("summary.heads."))
+    assert model["adaptor"]["tag_heads"] == ["event"]
+    assert model["generation"]["summary_tags"] == ["gender", "age", "event"]
 
 
 @pytest.mark.slow
