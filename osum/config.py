@@ -235,7 +235,7 @@ class DataConfig:
     min_seconds: float = 0.1
     max_seconds: float = 30.0  # one encoder pass; longer audio is dropped, never cut
     max_target_tokens: int = 512  # target tokens + end token
-    max_sequence_length: int = 1024  # prompt + speech begin/end + audio positions (12.5/s) + target
+    max_sequence_length: int = 1024  # prompt + speech begin/end (+ summary) + audio positions (model strides) + target
     # augmentation (training split only)
     speed_perturb: list[float] = field(default_factory=list)  # e.g. [0.9, 1.0, 1.1]; empty = off
     noise_dir: str | None = None  # folder of wavs mixed in at a random SNR

@@ -106,6 +106,28 @@ def test_filters_count_each_reason():
     assert dict(stats.dropped) == {"target_too_long": 1, "sequence_too_long": 1}
 
 
+def test_sequence_length_counts_the_positions_the_model_makes():
+    """The length filter and batch budgets count what the model's own audio embedding makes: with other conv
+    strides and a voice summary position as well as with the defaults."""
+    from osum.audio import log_mel_spectrogram
+    from osum.model.speech_llm import SpeechLLM
+    from tests.conftest import tiny_config
+
+    for overrides, layout in (((), P.AudioLayout((1, 2, 2), 2)),
+                              (("adaptor.conv_strides=[1,2]", "adaptor.summary_layers=[0]"), P.AudioLayout((1, 2), 3))):
+        cfg = tiny_config(*overrides)
+        assert P.AudioLayout.of(cfg) == layout
+        model = SpeechLLM(cfg).eval()
+        for seconds in (0.3, 1.0, 2.37):
+            it = with_ids(item("a", seconds), 5, 10)
+            it.layout = layout
+            mel = log_mel_spectrogram(it.wav).T[None]
+            with torch.no_grad():
+                _, lens = model.embed_audio(mel, torch.tensor([mel.shape[1]]))
+            assert it.sequence_length == 5 + 2 + int(lens[0]) + 10  # speech begin and end around the audio
+    assert P.AudioLayout().audio_positions(SAMPLE_RATE) == llm_positions(1.0)
+
+
 def test_sort_buffer_orders_by_llm_sequence_then_frames():
     # A short clip with a long target (word timestamps) costs the LLM more than a longer clip with a short one.
     short_long_target = with_ids(item("words", 1.0), 5, 60)

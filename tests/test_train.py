@@ -10,6 +10,7 @@ import torch
 
 from osum import tasks
 from osum.config import OptimConfig, TrainConfig
+from osum.data.pipeline import AudioLayout
 from osum.evaluate import metrics, normalize
 from osum.model import checkpoint
 from osum.train import state
@@ -29,7 +30,7 @@ def fake_loader(batch_size: int = 4, voices: bool = False):
     shuffled per epoch, split across ranks. `voices`: each utterance's frames share a random offset of their
     own, as a voice colours every frame (pooled over time, plain noise looks the same in every utterance)."""
 
-    def build(data, split, prompts, n_mels, epoch, rank, world_size):
+    def build(data, split, prompts, n_mels, epoch, rank, world_size, layout=None):
         feats = [torch.randn(60 + 7 * i, n_mels, generator=torch.Generator().manual_seed(i)) for i in range(len(TARGETS))]
         if voices:
             feats = [f + torch.randn(n_mels, generator=torch.Generator().manual_seed(100 + i)) for i, f in enumerate(feats)]
@@ -154,8 +155,15 @@ def test_summary_weight_teaches_the_summary_position_the_tags(tmp_path):
     """With summary_weight the voice summary's loss is logged and learned: afterwards the summary position of
     each training utterance is nearest to the LLM's embedding of its own gender tag."""
     cfg = train_config(tmp_path, "adaptor.summary_layers=[0,1]", max_steps=40, save_every=0, summary_weight=1.0)
-    trainer = Trainer(cfg, fake_loader(batch_size=8, voices=True))
+    layouts = set()
+
+    def loader(*args):
+        layouts.add(args[7])  # the model's layout, for the data pipeline's length counts
+        return fake_loader(batch_size=8, voices=True)(*args)
+
+    trainer = Trainer(cfg, loader)
     records = trainer.train()
+    assert layouts == {AudioLayout((1, 2, 2), 3)}  # the summary adds a position to begin and end
     losses = [r["summary_loss"] for r in records]
     assert losses[-1] < 0.2 * losses[0], losses
     model = trainer.model.eval()

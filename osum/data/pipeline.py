@@ -1,6 +1,7 @@
 """The data pipeline: small generator stages from shards to padded batches, and `build_loader`.
 
-    loader = build_loader(cfg.data, "train", model.prompts, n_mels=80, epoch=0, rank=0, world_size=1)
+    loader = build_loader(cfg.data, "train", model.prompts, n_mels=80, epoch=0, rank=0, world_size=1,
+                          layout=AudioLayout.of(model.config))
     for batch in loader:
         model(batch["features"], batch["feature_lens"], batch["prompt_ids"], batch["target_ids"])
     log.info(loader.stats.summary())
@@ -30,6 +31,7 @@ import torch
 
 from osum import tasks
 from osum.audio import (
+    ADAPTOR_STRIDES,
     MIN_SAMPLES,
     SAMPLE_RATE,
     AudioError,
@@ -48,11 +50,28 @@ from osum.data.stats import PipelineStats
 from osum.data.targets import make_target
 from osum.model.prompt import PromptBuilder, PromptIds
 
-__all__ = ["Item", "Loader", "PipelineStats", "build_loader"]
+__all__ = ["AudioLayout", "Item", "Loader", "PipelineStats", "build_loader"]
 
 log = logging.getLogger("osum.data")
 T = TypeVar("T")
 NOISE_SUFFIXES = (".wav", ".flac")
+
+
+@dataclass(frozen=True)
+class AudioLayout:
+    """How the model turns audio into LLM positions, for the length filters and batch budgets: the adaptor's
+    conv strides, and the positions it adds around the audio's own (speech begin and end; the voice summary)."""
+
+    strides: tuple[int, ...] = ADAPTOR_STRIDES
+    extra: int = 2
+
+    @classmethod
+    def of(cls, model) -> AudioLayout:
+        """The layout of a ModelConfig."""
+        return cls(tuple(model.adaptor.conv_strides), 2 + (1 if model.adaptor.summary_layers else 0))
+
+    def audio_positions(self, samples: int) -> int:
+        return int(adaptor_lengths(encoder_lengths(num_frames(samples)), self.strides))
 
 
 @dataclass
@@ -70,6 +89,7 @@ class Item:
     prompt_ids: PromptIds | None = None
     target_ids: list[int] | None = None  # target tokens + end token
     transcript_ids: list[int] | None = None  # tokens of what is said (empty when unknown), for the CTC loss
+    layout: AudioLayout = AudioLayout()
 
     @property
     def seconds(self) -> float:
@@ -81,14 +101,14 @@ class Item:
 
     @property
     def audio_positions(self) -> int:
-        """LLM positions of the audio (12.5 per second at 16 kHz)."""
-        return int(adaptor_lengths(encoder_lengths(num_frames(len(self.wav)))))
+        """LLM positions of the audio (12.5 per second at 16 kHz with the default strides)."""
+        return self.layout.audio_positions(len(self.wav))
 
     @property
     def sequence_length(self) -> int:
-        """prompt + speech-begin + audio + speech-end + target + end: what the LLM sees."""
+        """prompt + speech-begin (+ summary) + audio + speech-end + target + end: what the LLM sees."""
         prompt = len(self.prompt_ids.prefix) + len(self.prompt_ids.suffix)
-        return prompt + 2 + self.audio_positions + len(self.target_ids)
+        return prompt + self.layout.extra + self.audio_positions + len(self.target_ids)
 
 
 def derive_rng(*parts: Any) -> random.Random:
@@ -157,6 +177,13 @@ def shuffle_buffer(items: Iterable[T], rng: random.Random, size: int) -> Iterato
         buf[i] = item
     rng.shuffle(buf)
     yield from buf
+
+
+def with_layout(items: Iterable[Item], layout: AudioLayout) -> Iterator[Item]:
+    """Each item measures its LLM sequence by the model's layout (strides, added positions)."""
+    for item in items:
+        item.layout = layout
+        yield item
 
 
 def decode(items: Iterable[Item], stats: PipelineStats) -> Iterator[Item]:
@@ -380,7 +407,7 @@ def collate(batch: list[Item]) -> dict[str, Any]:
 
 def iterate(data: DataConfig, split: str, sets: list[tuple[DatasetConfig, list[str]]], prompts: PromptBuilder,
             n_mels: int, epoch: int, part: int, num_parts: int, stats: PipelineStats,
-            noise: NoiseBank | None = None) -> Iterator[dict[str, Any]]:
+            noise: NoiseBank | None = None, layout: AudioLayout = AudioLayout()) -> Iterator[dict[str, Any]]:
     """Batches of one part (rank x worker) of one epoch of a split."""
     train = split == "train"
     # Validation is the same set every epoch: its RNGs (task inference, prompts) ignore the epoch.
@@ -407,6 +434,7 @@ def iterate(data: DataConfig, split: str, sets: list[tuple[DatasetConfig, list[s
         items = (it for ds, sources in sets for it in _counted(read_dataset(sources, part, num_parts, stats, ds.name,
                                                                             ds.task), stats))
     items = decode(items, stats)
+    items = with_layout(items, layout)
     items = resample(items, SAMPLE_RATE)
     if train and data.speed_perturb:
         items = speed_perturb(items, rng("speed"), data.speed_perturb)
@@ -452,7 +480,7 @@ class _Stream(torch.utils.data.IterableDataset):
         part, num_parts = ld.rank * workers + worker, ld.world_size * workers
         stats = PipelineStats()
         for batch in iterate(ld.data, ld.split, ld.sets, ld.prompts, ld.n_mels, ld.epoch, part, num_parts, stats,
-                             ld.noise):
+                             ld.noise, ld.layout):
             yield batch, stats.take()
         yield None, stats.take()
 
@@ -470,11 +498,11 @@ class Loader:
     samples seen so far in the current iteration."""
 
     def __init__(self, data: DataConfig, split: str, prompts: PromptBuilder, n_mels: int, epoch: int,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, layout: AudioLayout = AudioLayout()):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
         self.data, self.split, self.prompts, self.n_mels = data, split, prompts, n_mels
-        self.epoch, self.rank, self.world_size = epoch, rank, world_size
+        self.epoch, self.rank, self.world_size, self.layout = epoch, rank, world_size, layout
         self.sets = mixture.resolve(data, split)
         if not self.sets:
             raise ValueError(f"data.{split} lists no datasets (set data.{split} or data.mixture)")
@@ -496,10 +524,11 @@ class Loader:
 
 
 def build_loader(data: DataConfig, split: str, prompts: PromptBuilder, n_mels: int, epoch: int,
-                 rank: int = 0, world_size: int = 1) -> Loader:
+                 rank: int = 0, world_size: int = 1, layout: AudioLayout = AudioLayout()) -> Loader:
     """The trainer's data: `split` "train" (mixture, augmentation, shuffling) or "valid" (each sample once).
 
     Deterministic in (data.seed, epoch, rank, world_size): iterating twice gives identical batches, and
-    the ranks read disjoint samples.
+    the ranks read disjoint samples. `layout` is the model's (AudioLayout.of): the length filter
+    (data.max_sequence_length) and the batches' token budget count the positions the model really makes.
     """
-    return Loader(data, split, prompts, n_mels, epoch, rank, world_size)
+    return Loader(data, split, prompts, n_mels, epoch, rank, world_size, layout)

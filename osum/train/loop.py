@@ -29,7 +29,7 @@ from osum.train import distributed, state
 
 log = logging.getLogger(__name__)
 
-LoaderFn = Callable[..., Any]  # (data, split, prompts, n_mels, epoch, rank, world_size) -> iterable of batches
+LoaderFn = Callable[..., Any]  # (data, split, prompts, n_mels, epoch, rank, world_size, layout) -> batches
 
 
 def lr_factor(optim: OptimConfig, max_steps: int) -> Callable[[int], float]:
@@ -174,8 +174,10 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------
 
     def _loader(self, split: str, epoch: int):
+        from osum.data.pipeline import AudioLayout
+
         return self.build_loader(self.cfg.data, split, self.model.prompts, self.model.config.audio.n_mels, epoch,
-                                 self.info.rank, self.info.world_size)
+                                 self.info.rank, self.info.world_size, AudioLayout.of(self.model.config))
 
     def _batches(self) -> Iterator[dict]:
         """Training batches forever, epoch after epoch, from the saved position on."""
