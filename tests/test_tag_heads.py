@@ -85,11 +85,14 @@ def test_fitted_head_is_installed_read_batched_and_reloaded_exactly(tmp_path, su
     from osum.model import checkpoint
 
     rows = _write_clips(tmp_path, 12)
-    bad = [{"key": "nolabel", "audio": rows[0]["audio"]}, {"key": "odd", "audio": rows[0]["audio"], "event": "bark"}]
+    sf.write(tmp_path / "long.wav", np.zeros(16000 * 31, np.float32), 16000)
+    bad = [{"key": "nolabel", "audio": rows[0]["audio"]}, {"key": "odd", "audio": rows[0]["audio"], "event": "bark"},
+           {"key": "long", "audio": str(tmp_path / "long.wav"), "event": "laugh"}]
     fit = fit_model_head(summary_model, "event", rows + bad, reg=1e-3, group_by="extra.clip")
     assert fit.rows == 12 and fit.train_accuracy == 1.0 and fit.cv_accuracy is not None
     assert fit.cv_groups == "extra.clip"
-    assert fit.skipped == {"no event label": 1, "event label not in the vocabulary": 1}
+    assert fit.skipped == {"no event label": 1, "event label not in the vocabulary": 1,
+                           "longer than one encoder pass": 1}
     assert summary_model.config.adaptor.tag_heads == ["event"]
     assert not any(p.requires_grad for p in summary_model.summary.heads.parameters())
 
@@ -102,9 +105,9 @@ def test_fitted_head_is_installed_read_batched_and_reloaded_exactly(tmp_path, su
     together = labels(summary_model, rows)
     assert together == [r["event"] for r in rows]  # the head, not the position's own (untrained) scores
     assert [labels(summary_model, [r])[0] for r in rows] == together  # batch == one by one
-    stats = pooled_stats(summary_model, rows[:3], batch_size=2)
-    one = pooled_stats(summary_model, rows[:1])[0]
-    assert torch.allclose(stats[0], one, atol=1e-5)
+    stats = pooled_stats(summary_model, rows[:5], batch_size=2, window=3)  # batched, two windows
+    for row, batched in zip(rows[:5], stats):
+        assert torch.allclose(batched, pooled_stats(summary_model, [row])[0], atol=1e-5)
 
     out = checkpoint.save(summary_model, tmp_path / "model")
     again = checkpoint.load(out).eval()

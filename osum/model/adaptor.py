@@ -168,4 +168,3 @@ class VoiceSummary(nn.Module):
         """(B, stats_dim) pooled statistics → (B, labels) scores of the field's fitted head."""
         head = self.heads[field]  # in float32 whatever the model's dtype (see checkpoint._keep_fp32)
         return F.linear(stats.float(), head.weight.float(), head.bias.float())
-

@@ -95,20 +95,23 @@ def cross_validate(x: torch.Tensor, y: torch.Tensor, groups: Sequence[str], n_cl
 
 
 @torch.no_grad()
-def pooled_stats(model, rows: Sequence[dict], batch_size: int = 8) -> list[torch.Tensor | None]:
+def pooled_stats(model, rows: Sequence[dict], batch_size: int = 8, window: int = 256) -> list[torch.Tensor | None]:
     """Each row's voice-summary statistics (`SpeechLLM.summary_stats`); None for audio longer than the
-    encoder's window (the summary of a longer input is not one pass)."""
-    mels = [A.log_mel_spectrogram(A.load_audio(row["audio"]), n_mels=model.config.audio.n_mels).T for row in rows]
+    encoder's window (the summary of a longer input is not one pass). Rows are read `window` at a time and
+    batched by length within it, so memory does not grow with the list."""
     out: list[torch.Tensor | None] = [None] * len(rows)
-    fits = [i for i, m in enumerate(mels) if m.shape[0] <= model.encoder.max_frames]
-    fits.sort(key=lambda i: mels[i].shape[0])  # similar lengths together: less padding
-    for start in range(0, len(fits), batch_size):
-        index = fits[start:start + batch_size]
-        lens = torch.tensor([mels[i].shape[0] for i in index])
-        padded = nn.utils.rnn.pad_sequence([mels[i] for i in index], batch_first=True)
-        stats = model.summary_stats(padded.to(model.device), lens.to(model.device)).cpu()
-        for i, row in zip(index, stats):
-            out[i] = row
+    for first in range(0, len(rows), window):
+        mels = {i: A.log_mel_spectrogram(A.load_audio(rows[i]["audio"]), n_mels=model.config.audio.n_mels).T
+                for i in range(first, min(first + window, len(rows)))}
+        fits = sorted((i for i, m in mels.items() if m.shape[0] <= model.encoder.max_frames),
+                      key=lambda i: mels[i].shape[0])  # similar lengths together: less padding
+        for start in range(0, len(fits), batch_size):
+            index = fits[start:start + batch_size]
+            lens = torch.tensor([mels[i].shape[0] for i in index])
+            padded = nn.utils.rnn.pad_sequence([mels[i] for i in index], batch_first=True)
+            stats = model.summary_stats(padded.to(model.device), lens.to(model.device)).cpu()
+            for i, row in zip(index, stats):
+                out[i] = row
     return out
 
 
