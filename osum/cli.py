@@ -215,15 +215,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         import torch
 
         from osum.evaluate.run import read_eval_set
-        from osum.model.align import fit_model_offsets
+        from osum.model.align import CTC_FIT_WARN_MS, fit_model_offsets
 
         with torch.inference_mode():
-            start, end, n, skipped = fit_model_offsets(model.eval(), read_eval_set(args.fit_word_times))
+            start, end, n, error_ms, skipped = fit_model_offsets(model.eval(), read_eval_set(args.fit_word_times))
         model.config.generation = dataclasses.replace(model.config.generation, word_times="ctc",
                                                       ctc_time_offsets=[start, end])
         left_out = "; ".join(f"{count} rows left out: {why}" for why, count in skipped.items())
         print(f"word times from CTC, offsets fitted on {n} words of {args.fit_word_times}: "
-              f"start {start:+.3f} s, end {end:+.3f} s" + (f" ({left_out})" if left_out else ""), file=sys.stderr)
+              f"start {start:+.3f} s, end {end:+.3f} s, mean boundary error after them {error_ms:.1f} ms"
+              + (f" ({left_out})" if left_out else ""), file=sys.stderr)
+        if error_ms > CTC_FIT_WARN_MS:
+            print(f"warning: the CTC alignment misses the labelled word times by {error_ms:.0f} ms on average even "
+                  "on these utterances: was the model trained with ctc_weight > 0?", file=sys.stderr)
     if args.fit_tag_heads:
         from osum.evaluate.run import read_eval_set
         from osum.model.tag_heads import fit_model_head

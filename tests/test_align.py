@@ -99,7 +99,12 @@ def test_fit_offsets_is_the_median_shift_over_matching_words():
     ref = [tasks.Word("Hello", 0.2, 0.6), tasks.Word("world", 0.7, 1.2)]
     hyp = [tasks.Word("hello", 0.3, 0.5), tasks.Word("world", 0.8, 1.1)]
     other = [tasks.Word("so", 0.0, 5.0)]  # another length: left out
-    assert fit_offsets([(ref, hyp), (ref[:1], other)]) == (-0.1, 0.1, 2)
+    assert fit_offsets([(ref, hyp), (ref[:1], other)]) == (-0.1, 0.1, 2, 0.0)
+    # what the medians leave: one word 0.2 s later than the other's shift, at both ends
+    late = [tasks.Word("hello", 0.3, 0.5), tasks.Word("world", 0.6, 0.9)]
+    start, end, n, error_ms = fit_offsets([(ref, hyp), (ref, late)])
+    assert (start, end, n) == (-0.1, 0.1, 4)
+    assert error_ms == pytest.approx(50.0)  # (0.2 + 0.2) s over 4 starts and 4 ends
     with pytest.raises(ValueError, match="no reference word"):
         fit_offsets([(ref[:1], other)])
 
@@ -184,3 +189,10 @@ def test_export_fits_word_time_offsets(tmp_path, tiny_model, capsys):
     assert generation["ctc_time_offsets"] == pytest.approx([-0.2, 0.1], abs=0.002)
     err = capsys.readouterr().err
     assert "offsets fitted on" in err and "1 rows left out: no text or words" in err
+    assert "mean boundary error after them 0.0 ms" in err and "warning" not in err
+    # references that disagree with the alignment by half a second either way: the export warns
+    for row in rows[:-1]:
+        row["words"] = [{**w, "start": w["start"] + (0.5 if k % 2 else -0.5)} for k, w in enumerate(row["words"])]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["export", str(source), "--keep-lora", "--out", str(tmp_path / "out2"), "--fit-word-times", str(data)]) == 0
+    assert "was the model trained with ctc_weight > 0?" in capsys.readouterr().err

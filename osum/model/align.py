@@ -109,9 +109,16 @@ def align_words(log_probs: torch.Tensor, text: str, tokenizer, blank: int, secon
     return out
 
 
-def fit_offsets(pairs: Sequence[tuple[Sequence[tasks.Word], Sequence[tasks.Word]]]) -> tuple[float, float, int]:
-    """Median start and end shifts that take unshifted CTC word times to reference ones, and how many words
-    were used. `pairs` are (reference words, CTC words with zero offsets) per utterance; words pair up when an
+# A fit whose words still miss their labelled times by this much on average (ms), on the very utterances it was
+# fitted on, points to a model whose CTC head was never trained (ctc_weight 0): osum export warns.
+CTC_FIT_WARN_MS = 200.0
+
+
+def fit_offsets(pairs: Sequence[tuple[Sequence[tasks.Word], Sequence[tasks.Word]]]
+                ) -> tuple[float, float, int, float]:
+    """Median start and end shifts that take unshifted CTC word times to reference ones, how many words were
+    used, and the mean absolute boundary error left after the shifts (ms; as the AAS metric counts starts and
+    ends). `pairs` are (reference words, CTC words with zero offsets) per utterance; words pair up when an
     utterance has as many of each and their spellings agree (case and punctuation aside)."""
     starts, ends = [], []
     for ref, hyp in pairs:
@@ -123,10 +130,12 @@ def fit_offsets(pairs: Sequence[tuple[Sequence[tasks.Word], Sequence[tasks.Word]
                 ends.append(r.end - h.end)
     if not starts:
         raise ValueError("no reference word matched an aligned word: nothing to fit the offsets on")
-    return round(statistics.median(starts), 3), round(statistics.median(ends), 3), len(starts)
+    start, end = round(statistics.median(starts), 3), round(statistics.median(ends), 3)
+    error = sum(abs(s - start) + abs(e - end) for s, e in zip(starts, ends)) / (2 * len(starts))
+    return start, end, len(starts), round(1000 * error, 1)
 
 
-def fit_model_offsets(model, rows: Sequence[dict]) -> tuple[float, float, int, dict[str, int]]:
+def fit_model_offsets(model, rows: Sequence[dict]) -> tuple[float, float, int, float, dict[str, int]]:
     """`fit_offsets` for `model` on labelled utterances: rows with an `audio` path, the `text` and its
     reference `words` ([{word, start, end}]). Also returns how many rows were left out, by reason (no word
     times in the row; a transcript longer than CTC can place in the audio)."""
