@@ -73,3 +73,42 @@ def test_osum_tiny_continuation_mixture_parses():
     mixture = load_mixture(RECIPE.parent / "osum-tiny" / "mixture-continue.yaml")
     assert [(d.name, d.task) for d in mixture["train"]][:2] == [("synth", None), ("synth-auto", "auto")]
     assert all(d.shards.startswith(str(RECIPE.parent / "osum-tiny")) for d in mixture["train"] + mixture["valid"])
+
+
+def test_ctc_vs_llm_scores_the_runs_transcripts_and_the_ctc_heads(tiny_model, tmp_path, monkeypatch, capsys):
+    """recipes/osum-tiny/ctc_vs_llm.py: its LLM figure is the eval run's own WER; its CTC figure scores the
+    model's greedy CTC transcripts by the same metric."""
+    import json
+    import runpy
+    import sys
+
+    import torch
+
+    import osum
+    from osum.audio import load_audio, log_mel_spectrogram
+    from osum.evaluate.metrics import corpus_counts
+    from osum.evaluate.normalize import english
+    from osum.evaluate.run import EvalOptions, evaluate
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    data = tmp_path / "list.jsonl"
+    clips = sorted(examples.glob("*.wav"))[:2]
+    data.write_text("".join(json.dumps({"key": c.stem, "audio": str(c), "text": c.with_suffix(".txt").read_text()})
+                            + "\n" for c in clips))
+    summary = evaluate(tiny_model, data, "asr", tmp_path / "run", EvalOptions(max_new_tokens=6, plots=False))
+    refs, ctc = [], []
+    for clip in clips:
+        mel = log_mel_spectrogram(load_audio(str(clip))).T[None]
+        with torch.no_grad():
+            out, lens, _ = tiny_model._encode(mel, torch.tensor([mel.shape[1]]))
+        refs.append(english(clip.with_suffix(".txt").read_text()))
+        ctc.append(english(tiny_model.tokenizer.decode(tiny_model.ctc_greedy(tiny_model.ctc_logits(out), lens)[0])))
+    c = corpus_counts("wer", refs, ctc)
+    ctc_rate = (c.substitutions + c.deletions + c.insertions) / (c.hits + c.substitutions + c.deletions)
+    monkeypatch.setattr(osum, "load", lambda name, **kw: tiny_model)
+    monkeypatch.setattr(sys, "argv", ["ctc_vs_llm.py", str(tmp_path / "run")])
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "recipes" / "osum-tiny" / "ctc_vs_llm.py"),
+                   run_name="__main__")
+    printed = capsys.readouterr().out
+    assert (f"2 utterances of {tmp_path / 'run'}: WER of the LLM's transcripts {100 * summary['text']['rate']:.1f} %, "
+            f"of the adaptor's greedy CTC transcripts {100 * ctc_rate:.1f} %") in printed
