@@ -65,7 +65,7 @@ def test_looping_outputs_are_decoded_again_with_a_repetition_penalty(tiny_model,
     the guard off, the first output stays."""
     calls = []
 
-    def fake_generate(features, lens, prompts, generation):
+    def fake_generate(features, lens, prompts, generation, encoded=None):
         calls.append((len(prompts), generation.repetition_penalty))
         loops = generation.repetition_penalty < 1.3
         return ["a kind of " * 40 if loops and n == int(lens.max()) else "a plain answer" for n in lens.tolist()]
@@ -118,6 +118,41 @@ def test_summary_tags_take_their_labels_from_the_voice_summary(tmp_path):
         Engine(SpeechLLM(tiny_config()), generation=tagged)
     with pytest.raises(ValueError, match="summary_tags"):
         Engine(model, generation=dataclasses.replace(tagged, summary_tags=["mood"]))
+
+
+def test_engine_encodes_each_batch_once(monkeypatch):
+    """Decoding and the summary's labels, or decoding and the CTC word times, of a batch share one encoder pass,
+    and give what separate passes give."""
+    import torch
+
+    from osum.audio import log_mel_spectrogram
+    from osum.model.speech_llm import SpeechLLM
+    from tests.conftest import tiny_config
+
+    model = SpeechLLM(tiny_config("adaptor.summary_layers=[0,1]", "generation.max_new_tokens=6")).eval()
+    with torch.no_grad():
+        model.summary.proj.weight.normal_(0, 0.5)
+    clips = ["examples/espeak_female_weather.wav", "examples/espeak_male_finance.wav"]
+    mels = [log_mel_spectrogram(load_audio(c)).T for c in clips]
+    lens = torch.tensor([m.shape[0] for m in mels])
+    feats = torch.nn.utils.rnn.pad_sequence(mels, batch_first=True)
+    gen = dataclasses.replace(model.config.generation, summary_tags=["gender"], word_times="ctc")
+    passes = []
+    forward_layers = model.encoder.forward_layers
+    monkeypatch.setattr(model.encoder, "forward_layers", lambda *a: passes.append(1) or forward_layers(*a))
+    for task in ("asr+sgc", "srwt"):
+        passes.clear()
+        results = Engine(model, max_batch_size=4, generation=gen).run(clips, task=task)
+        assert len(passes) == 1, task
+        texts = model.generate(feats, lens, [tasks.default_prompt(task)] * 2, gen)
+        assert [r["raw"] for r in results] == texts
+        if task == "asr+sgc":
+            alone = model.summary_labels(feats, lens, ["gender"])
+            assert [r["labels"]["gender"] for r in results] == [x["gender"] for x in alone]
+        else:
+            alone = model.word_times(feats, lens, [tasks.parse(t, "srwt").transcript or "" for t in texts],
+                                     gen.ctc_time_offsets)
+            assert [len(r.get("words", [])) for r in results] == [len(w or []) for w in alone]
 
 
 def test_compression_ratio_tells_a_loop_from_prose():

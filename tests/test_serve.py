@@ -142,7 +142,8 @@ class ScriptedModel:
     def __getattr__(self, name: str):
         return getattr(self._model, name)
 
-    def generate_ids(self, features, feature_lens, prompts, generation=None, streamer=None, stopping_criteria=None):
+    def generate_ids(self, features, feature_lens, prompts, generation=None, streamer=None, stopping_criteria=None,
+                     encoded=None):
         rows = []
         for p in prompts:
             spec, _ = resolve_task(self._model.tokenizer.decode(p.prefix), None, "en")
@@ -516,7 +517,11 @@ def test_batcher_merges_only_same_settings():
         def stop_ids(self, gen):
             return [0]
 
-        def generate_ids(self, features, feature_lens, prompts, generation, streamer=None, stopping_criteria=None):
+        def encode(self, features, feature_lens):
+            return None  # nothing to share: this stand-in reads no audio
+
+        def generate_ids(self, features, feature_lens, prompts, generation, streamer=None, stopping_criteria=None,
+                         encoded=None):
             calls.append((len(prompts), generation.max_new_tokens))
             return [[7] * generation.max_new_tokens for _ in prompts]
 
@@ -620,7 +625,8 @@ class LoopingModel(ScriptedModel):
         super().__init__(model)
         self.penalties = []
 
-    def generate_ids(self, features, feature_lens, prompts, generation=None, streamer=None, stopping_criteria=None):
+    def generate_ids(self, features, feature_lens, prompts, generation=None, streamer=None, stopping_criteria=None,
+                     encoded=None):
         self.penalties.append(generation.repetition_penalty)
         text = "a plain answer" if generation.repetition_penalty >= 1.3 else "a kind of " * 30
         rows = [self._model.prompts.encode(text) for _ in prompts]

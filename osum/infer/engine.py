@@ -21,7 +21,7 @@ from osum import audio as A
 from osum import tasks
 from osum.config import GenerationConfig
 from osum.infer.segment import split_long_audio
-from osum.model.speech_llm import SpeechLLM
+from osum.model.speech_llm import Encoded, SpeechLLM
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,9 @@ class Engine:
             again = [batch[i] for i in index]
             return self.model.generate(*self._padded(again), [prompt] * len(again), generation)
 
-        texts = self.model.generate(*features, [prompt] * len(batch), self.generation)
+        # One encoder and adaptor pass for decoding, the summary's labels and the CTC word times alike.
+        encoded = self.model.encode(*features)
+        texts = self.model.generate(*features, [prompt] * len(batch), self.generation, encoded=encoded)
         looped = redecode_loops(texts, str, decode, self.generation)
         if looped:
             self.stats.redecoded += looped
@@ -148,10 +150,11 @@ class Engine:
         self.stats.batch_sizes.append(len(batch))
         fields = [f for f in (spec.fields if spec is not None else ()) if f in self.generation.summary_tags]
         if fields:
-            for piece, labels in zip(batch, self.model.summary_labels(*features, fields)):
+            for piece, labels in zip(batch, self.model.summary_labels(*features, fields, encoded=encoded)):
                 piece.labels = labels
         if spec is not None and spec.base == "srwt" and self.generation.word_times == "ctc":
-            timed = ctc_words(self.model, [p.text for p in batch], *features, self.generation.ctc_time_offsets)
+            timed = ctc_words(self.model, [p.text for p in batch], *features, self.generation.ctc_time_offsets,
+                              encoded)
             for piece, (words, error) in zip(batch, timed):
                 piece.words, piece.words_error = words, error
 
@@ -230,12 +233,12 @@ def redecode_loops(outputs: list[T], text_of: Callable[[T], str], decode: Callab
 
 
 def ctc_words(model: SpeechLLM, texts: list[str], features: torch.Tensor, feature_lens: torch.Tensor,
-              offsets: list[float]) -> list[tuple[list[tasks.Word], str | None]]:
+              offsets: list[float], encoded: Encoded | None = None) -> list[tuple[list[tasks.Word], str | None]]:
     """Each srwt output's words timed by the CTC alignment of the transcript it gives (generation.word_times
     "ctc"), with the reason when there are none."""
     transcripts = [tasks.parse(text, "srwt").transcript or "" for text in texts]
     out = []
-    for text, words in zip(transcripts, model.word_times(features, feature_lens, transcripts, offsets)):
+    for text, words in zip(transcripts, model.word_times(features, feature_lens, transcripts, offsets, encoded)):
         out.append((words, None) if words is not None else (
             [], f"no word times: the transcript has more tokens than the audio has CTC positions ({text!r})"))
     return out

@@ -46,6 +46,22 @@ SUMMARY_SCALE = 10.0
 
 
 @dataclass
+class Encoded:
+    """One batch's audio through encoder and adaptor (SpeechLLM.encode): what decoding, the CTC word times and the
+    voice summary's labels all read, so that a batch is encoded once."""
+
+    adaptor_out: torch.Tensor  # (B, S, H)
+    adaptor_lens: torch.Tensor  # (B,)
+    summary: torch.Tensor | None  # (B, H) the voice summary position, when the model has one
+    stats: torch.Tensor | None  # (B, stats_dim) its pooled statistics (float32)
+
+    def take(self, index: torch.Tensor) -> Encoded:
+        """The items at `index` (their padding stays the batch's: each item is read up to its own length)."""
+        pick = (lambda t: None if t is None else t[index.to(t.device)])
+        return Encoded(pick(self.adaptor_out), pick(self.adaptor_lens), pick(self.summary), pick(self.stats))
+
+
+@dataclass
 class ForwardOutput:
     loss: torch.Tensor  # mean over supervised tokens
     num_tokens: int
@@ -128,9 +144,9 @@ class SpeechLLM(nn.Module):
             raise ValueError(f"adaptor.{name} {layers}: each must be a distinct block of the encoder, "
                              f"0-{len(self.encoder.layers) - 1}")
 
-    def _encode(self, features: torch.Tensor, feature_lens: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """→ adaptor_out (B, S, H), adaptor_lens (B,), and the voice summary (B, H) when configured."""
+    def encode(self, features: torch.Tensor, feature_lens: torch.Tensor) -> Encoded:
+        """The audio's pass through encoder and adaptor, kept whole so that decoding, CTC word times and the
+        summary's labels of one batch share it (see `Encoded`)."""
         wanted = sorted({*(self.layer_mix.layers if self.layer_mix else ()),
                          *(self.summary.layers if self.summary else ())})
         encoder_out, encoder_lens, hidden = self.encoder.forward_layers(features, feature_lens, wanted)
@@ -138,10 +154,17 @@ class SpeechLLM(nn.Module):
         if self.layer_mix is not None:
             encoder_out = self.layer_mix(encoder_out, [blocks[i] for i in self.layer_mix.layers])
         adaptor_out, adaptor_lens = self.adaptor(encoder_out, encoder_lens)
-        summary = None
+        stats = summary = None
         if self.summary is not None:
-            summary = self.summary([blocks[i] for i in self.summary.layers], encoder_lens)
-        return adaptor_out, adaptor_lens, summary
+            stats = self.summary.pool([blocks[i] for i in self.summary.layers], encoder_lens)
+            summary = self.summary.project(stats)
+        return Encoded(adaptor_out, adaptor_lens, summary, stats)
+
+    def _encode(self, features: torch.Tensor, feature_lens: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """→ adaptor_out (B, S, H), adaptor_lens (B,), and the voice summary (B, H) when configured."""
+        enc = self.encode(features, feature_lens)
+        return enc.adaptor_out, enc.adaptor_lens, enc.summary
 
     @staticmethod
     def _audio_positions(adaptor_out: torch.Tensor, adaptor_lens: torch.Tensor,
@@ -151,9 +174,12 @@ class SpeechLLM(nn.Module):
             return adaptor_out, adaptor_lens
         return torch.cat([summary[:, None].to(adaptor_out.dtype), adaptor_out], 1), adaptor_lens + 1
 
-    def embed_audio(self, features: torch.Tensor, feature_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """features (B, T, n_mels), feature_lens (B,) → the LLM's audio positions (B, S, H) and their counts (B,)."""
-        return self._audio_positions(*self._encode(features, feature_lens))
+    def embed_audio(self, features: torch.Tensor, feature_lens: torch.Tensor,
+                    encoded: Encoded | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """features (B, T, n_mels), feature_lens (B,) → the LLM's audio positions (B, S, H) and their counts (B,).
+        `encoded`: this batch's `encode` already done."""
+        enc = encoded if encoded is not None else self.encode(features, feature_lens)
+        return self._audio_positions(enc.adaptor_out, enc.adaptor_lens, enc.summary)
 
     def _as_prompt_ids(self, prompts: list[str] | list[PromptIds]) -> list[PromptIds]:
         return [p if isinstance(p, PromptIds) else self.prompts.prompt_ids(p) for p in prompts]
@@ -308,13 +334,13 @@ class SpeechLLM(nn.Module):
 
     @torch.no_grad()
     def summary_labels(self, features: torch.Tensor, feature_lens: torch.Tensor,
-                       fields: list[str]) -> list[dict[str, str]]:
+                       fields: list[str], encoded: Encoded | None = None) -> list[dict[str, str]]:
         """Each item's label of each field read off the voice summary position alone (the best-scoring tag, as
         `summary_loss` trains it), the way Whisper reads the language off one step's language-token logits; a
-        field with a fitted head (adaptor.tag_heads) is read off its head."""
+        field with a fitted head (adaptor.tag_heads) is read off its head. `encoded`: this batch's `encode`."""
         if self.summary is None:
             raise ValueError("this model has no voice summary to read labels from (model.adaptor.summary_layers)")
-        stats = self.summary_stats(features, feature_lens)
+        stats = encoded.stats if encoded is not None else self.summary_stats(features, feature_lens)
         out = self._read_summary(self.summary.project(stats), [f for f in fields if f not in self.summary.heads])
         for field in fields:
             if field in self.summary.heads:
@@ -338,13 +364,15 @@ class SpeechLLM(nn.Module):
 
     @torch.no_grad()
     def word_times(self, features: torch.Tensor, feature_lens: torch.Tensor, transcripts: list[str],
-                   offsets: list[float] | tuple[float, float] = (0.0, 0.0)) -> list[list[tasks.Word] | None]:
+                   offsets: list[float] | tuple[float, float] = (0.0, 0.0),
+                   encoded: Encoded | None = None) -> list[list[tasks.Word] | None]:
         """Each item's transcript as words with time spans (seconds) from the adaptor's CTC scores
         (model.align.align_words), for a model trained with ctc_weight > 0; None for an item whose transcript
-        has more tokens than its audio has positions."""
+        has more tokens than its audio has positions. `encoded`: this batch's `encode` already done."""
         if len(transcripts) != features.shape[0]:
             raise ValueError(f"{len(transcripts)} transcripts for {features.shape[0]} audio items")
-        adaptor_out, adaptor_lens, _ = self._encode(features, feature_lens)
+        enc = encoded if encoded is not None else self.encode(features, feature_lens)
+        adaptor_out, adaptor_lens = enc.adaptor_out, enc.adaptor_lens
         log_probs = self.ctc_logits(adaptor_out).float().log_softmax(-1).cpu()
         return [
             align_words(lp[:n], text, self.tokenizer, self.ctc_blank_id, self.seconds_per_position, offsets,
@@ -430,16 +458,18 @@ class SpeechLLM(nn.Module):
         generation: GenerationConfig | None = None,
         streamer: BaseStreamer | None = None,
         stopping_criteria: StoppingCriteriaList | None = None,
+        encoded: Encoded | None = None,
     ) -> list[list[int]]:
         """Batched generation with KV cache; returns each item's new token ids, stop token excluded.
 
         `streamer` receives each step's new tokens (B,) (HF streamer protocol; not with beam search) and
         `stopping_criteria` may end rows early (a server cancels a disconnected client's row this way).
+        `encoded`: this batch's `encode` already done.
         """
         gen = generation or self.config.generation
         if gen.seed is not None:
             torch.manual_seed(gen.seed)
-        adaptor_out, adaptor_lens = self.embed_audio(features, feature_lens)
+        adaptor_out, adaptor_lens = self.embed_audio(features, feature_lens, encoded)
         batch = self.assemble(adaptor_out, adaptor_lens, self._as_prompt_ids(prompts))
         out = self.base_llm.generate(
             inputs_embeds=batch.inputs_embeds,
@@ -467,8 +497,9 @@ class SpeechLLM(nn.Module):
         feature_lens: torch.Tensor,
         prompts: list[str] | list[PromptIds],
         generation: GenerationConfig | None = None,
+        encoded: Encoded | None = None,
     ) -> list[str]:
-        ids = self.generate_ids(features, feature_lens, prompts, generation)
+        ids = self.generate_ids(features, feature_lens, prompts, generation, encoded=encoded)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def understand(self, audio, task: str = "asr", prompt: str | None = None) -> dict:

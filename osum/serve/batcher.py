@@ -265,6 +265,9 @@ class Batcher:
         streamer = _Streamer(batch, set(self.model.stop_ids(gen))) if streaming else None
         device = self.model.device
         start = time.perf_counter()
+        # One encoder and adaptor pass for decoding, the summary's labels and the CTC word times alike.
+        with torch.no_grad():
+            encoded = self.model.encode(padded.to(device), lens.to(device))
         rows = self.model.generate_ids(
             padded.to(device),
             lens.to(device),
@@ -272,6 +275,7 @@ class Batcher:
             gen,
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([_Cancelled(batch)]),
+            encoded=encoded,
         )
         # The engine's loop guard, for pieces whose text was not streamed (a streamed one keeps what its client has).
         def decode(index: list[int], generation: GenerationConfig) -> list[list[int]]:
@@ -286,14 +290,16 @@ class Batcher:
             self.metrics.inc("osum_redecoded_pieces_total", looped)
         fields = sorted({f for w in batch for f in w.job.summary_fields})
         if fields:
-            for work, labels in zip(batch, self.model.summary_labels(padded.to(device), lens.to(device), fields)):
+            for work, labels in zip(batch, self.model.summary_labels(padded.to(device), lens.to(device), fields,
+                                                                     encoded=encoded)):
                 work.labels = {f: labels[f] for f in work.job.summary_fields}
         timed = [i for i, w in enumerate(batch) if w.job.ctc_words]
         if timed:
             texts = [self.model.tokenizer.decode(rows[i], skip_special_tokens=True) for i in timed]
             index = torch.tensor(timed)
             for i, (words, error) in zip(timed, ctc_words(self.model, texts, padded[index].to(device),
-                                                          lens[index].to(device), gen.ctc_time_offsets)):
+                                                          lens[index].to(device), gen.ctc_time_offsets,
+                                                          encoded.take(index))):
                 batch[i].words, batch[i].words_error = words, error
         self.metrics.observe("osum_generate_seconds", time.perf_counter() - start)
         self.metrics.inc("osum_batches_total")
