@@ -9,7 +9,6 @@ import pytest
 import soundfile as sf
 import torch
 
-from osum import tasks
 from osum.audio import load_audio, log_mel_spectrogram
 from osum.model.tag_heads import cross_validate, fit_linear, fit_model_head, pooled_stats
 from tests.conftest import tiny_config
