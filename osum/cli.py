@@ -199,6 +199,12 @@ def cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
+def _left_out(skipped: dict[str, int]) -> str:
+    """' (3 rows left out: why; ...)' for a fit's message, or '' when none was."""
+    reasons = "; ".join(f"{count} rows left out: {why}" for why, count in skipped.items())
+    return f" ({reasons})" if reasons else ""
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from osum.model import checkpoint
     from osum.model.llm import torch_dtype
@@ -221,10 +227,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             start, end, n, error_ms, skipped = fit_model_offsets(model.eval(), read_eval_set(args.fit_word_times))
         model.config.generation = dataclasses.replace(model.config.generation, word_times="ctc",
                                                       ctc_time_offsets=[start, end])
-        left_out = "; ".join(f"{count} rows left out: {why}" for why, count in skipped.items())
         print(f"word times from CTC, offsets fitted on {n} words of {args.fit_word_times}: "
               f"start {start:+.3f} s, end {end:+.3f} s, mean boundary error after them {error_ms:.1f} ms"
-              + (f" ({left_out})" if left_out else ""), file=sys.stderr)
+              + _left_out(skipped), file=sys.stderr)
         if error_ms > CTC_FIT_WARN_MS:
             print(f"warning: the CTC alignment misses the labelled word times by {error_ms:.0f} ms on average even "
                   "on these utterances: was the model trained with ctc_weight > 0?", file=sys.stderr)
@@ -239,10 +244,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             fit = fit_model_head(model.eval(), field, read_eval_set(path), reg=args.tag_head_reg,
                                  group_by=args.tag_head_groups)
             cv = "n/a (one fold)" if fit.cv_accuracy is None else f"{fit.cv_accuracy:.3f}"
-            left_out = "; ".join(f"{count} rows left out: {why}" for why, count in fit.skipped.items())
             print(f"{field} head fitted on {fit.rows} utterances of {path}: training accuracy "
                   f"{fit.train_accuracy:.3f}, 5-fold accuracy {cv} (held out together: {fit.cv_groups})"
-                  + (f" ({left_out})" if left_out else ""), file=sys.stderr)
+                  + _left_out(fit.skipped), file=sys.stderr)
             if field not in model.config.generation.summary_tags:
                 model.config.generation = dataclasses.replace(
                     model.config.generation, summary_tags=[*model.config.generation.summary_tags, field])

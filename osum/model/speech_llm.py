@@ -340,8 +340,12 @@ class SpeechLLM(nn.Module):
         field with a fitted head (adaptor.tag_heads) is read off its head. `encoded`: this batch's `encode`."""
         if self.summary is None:
             raise ValueError("this model has no voice summary to read labels from (model.adaptor.summary_layers)")
-        stats = encoded.stats if encoded is not None else self.summary_stats(features, feature_lens)
-        out = self._read_summary(self.summary.project(stats), [f for f in fields if f not in self.summary.heads])
+        if encoded is not None:
+            stats, summary = encoded.stats, encoded.summary
+        else:
+            stats = self.summary_stats(features, feature_lens)
+            summary = self.summary.project(stats)
+        out = self._read_summary(summary, [f for f in fields if f not in self.summary.heads])
         for field in fields:
             if field in self.summary.heads:
                 for row, best in zip(out, self.summary.head_scores(stats, field).argmax(-1).tolist()):

@@ -22,11 +22,6 @@ from osum.evaluate.metrics import corpus_counts
 from osum.evaluate.normalize import english
 
 
-def error_rate(refs: list[str], hyps: list[str]) -> float:
-    c = corpus_counts("wer", refs, hyps)
-    return (c.substitutions + c.deletions + c.insertions) / max(c.hits + c.substitutions + c.deletions, 1)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path, help="an `osum eval` output folder (summary.json, hyp.jsonl)")
@@ -41,13 +36,14 @@ def main() -> None:
             continue
         mel = log_mel_spectrogram(load_audio(row["audio"]), n_mels=model.config.audio.n_mels).T[None]
         with torch.no_grad():
-            out, lens, _ = model._encode(mel.to(model.device), torch.tensor([mel.shape[1]], device=model.device))
-            tokens = model.ctc_greedy(model.ctc_logits(out), lens)[0]
+            enc = model.encode(mel.to(model.device), torch.tensor([mel.shape[1]], device=model.device))
+            tokens = model.ctc_greedy(model.ctc_logits(enc.adaptor_out), enc.adaptor_lens)[0]
         refs.append(english(row["ref"]["text"]))
         ctc.append(english(model.tokenizer.decode(tokens)))
         llm.append(english(row["hyp"]["text"]))
-    print(f"{len(refs)} utterances of {args.run}: WER of the LLM's transcripts {100 * error_rate(refs, llm):.1f} %, "
-          f"of the adaptor's greedy CTC transcripts {100 * error_rate(refs, ctc):.1f} %")
+    llm_wer, ctc_wer = (corpus_counts("wer", refs, hyps).rate for hyps in (llm, ctc))
+    print(f"{len(refs)} utterances of {args.run}: WER of the LLM's transcripts {100 * llm_wer:.1f} %, "
+          f"of the adaptor's greedy CTC transcripts {100 * ctc_wer:.1f} %")
 
 
 if __name__ == "__main__":
