@@ -63,6 +63,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     gen = dataclasses.replace(model.config.generation, **GENERATION_PRESETS[args.decoding])
     if args.max_new_tokens:
         gen.max_new_tokens = args.max_new_tokens
+    if args.ctc_weight is not None:
+        gen = dataclasses.replace(gen, ctc_weight=args.ctc_weight)
     engine = Engine(model, max_batch_size=args.batch_size, generation=gen)
     failed = 0
     start = time.perf_counter()
@@ -129,7 +131,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"give {', '.join(missing)} (or --suite FILE)")
     options = EvalOptions(
         metric=args.metric, normalizer=args.normalizer, batch_size=args.batch_size, decoding=args.decoding,
-        max_new_tokens=args.max_new_tokens, device=args.device, limit=args.limit, plots=not args.no_plots,
+        max_new_tokens=args.max_new_tokens, ctc_weight=args.ctc_weight, device=args.device, limit=args.limit, plots=not args.no_plots,
         judge_url=args.judge_url, judge_model=args.judge_model, judge_key_env=args.judge_key_env,
     )
     summary = evaluate(args.model, args.data, args.task, args.out, options)
@@ -250,6 +252,15 @@ def cmd_export(args: argparse.Namespace) -> int:
             if field not in model.config.generation.summary_tags:
                 model.config.generation = dataclasses.replace(
                     model.config.generation, summary_tags=[*model.config.generation.summary_tags, field])
+    if args.fit_ctc_weight:
+        from osum.evaluate.run import fit_ctc_weight
+
+        best, tried = fit_ctc_weight(model.eval(), args.fit_ctc_weight)
+        for w, text in tried:
+            print(f"ctc_weight {w}: {text['metric'].upper()} {100 * text['rate']:.2f}% over {text['utterances']} "
+                  f"utterances of {args.fit_ctc_weight}", file=sys.stderr)
+        model.config.generation = dataclasses.replace(model.config.generation, ctc_weight=best)
+        print(f"joint CTC/LLM decoding of transcripts: generation.ctc_weight {best}", file=sys.stderr)
     dtype = torch_dtype(args.dtype) if args.dtype else None
     if args.format == "osum" and args.keep_lora:
         out = checkpoint.save(model, args.out, dtype=dtype)  # only the trained parts; base models by name
@@ -341,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="most pieces per batch")
     p.add_argument("--decoding", default="greedy", choices=["greedy", "beam", "osum"], help="decoding preset")
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--ctc-weight", type=float, default=None,
+                   help="joint CTC/LLM decoding of asr transcripts, 0..1 (generation.ctc_weight; default: the model's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", "-o", default=None, help="JSONL file (default: stdout)")
     p.set_defaults(func=cmd_infer)
@@ -375,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit a linear head for a tag field (event, age, ...) over the voice summary's pooled "
                         "statistics on these labelled utterances, and read that field off it "
                         "(generation.summary_tags); repeatable")
+    p.add_argument("--fit-ctc-weight", metavar="LIST.jsonl",
+                   help="choose generation.ctc_weight (joint CTC/LLM decoding of transcripts) among 0, 0.1, 0.2, "
+                        "0.3 and 0.5 by the asr error rate on these held-out utterances (a valid split, not a test set)")
     p.add_argument("--tag-head-reg", type=float, default=1e-2,
                    help="L2 penalty of the tag heads' fit, on standardised statistics (default 0.01)")
     p.add_argument("--tag-head-groups", metavar="KEY",
@@ -408,6 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="most pieces per batch")
     p.add_argument("--decoding", default="greedy", choices=["greedy", "beam", "osum"], help="decoding preset")
     p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--ctc-weight", type=float, default=None,
+                   help="joint CTC/LLM decoding of asr transcripts, 0..1 (generation.ctc_weight; default: the model's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--limit", type=int, default=None, help="score only the first N utterances")
     p.add_argument("--no-plots", action="store_true", help="skip the confusion-matrix PNGs (no matplotlib needed)")

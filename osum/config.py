@@ -166,6 +166,12 @@ class GenerationConfig:
     # `osum export --fit-word-times` measures on labelled data. The `raw` output keeps what the LLM wrote.
     word_times: str = "llm"
     ctc_time_offsets: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    # Joint CTC/LLM decoding of plain transcripts (the asr task), for a model trained with ctc_weight > 0: each of
+    # the LLM's top ctc_candidates next tokens is scored (1 - w) * its LLM log-probability + w * its CTC prefix
+    # score's increase (osum.model.ctc_prefix), which holds the transcript to what the audio spells. 0 = the LLM
+    # alone. Other tasks (tags, word spans, chat) are decoded by the LLM alone whatever this says.
+    ctc_weight: float = 0.0
+    ctc_candidates: int = 10
 
     def __post_init__(self):
         from osum.tasks import TAG_FIELDS  # a leaf module; imported here to keep config's imports plain
@@ -178,6 +184,10 @@ class GenerationConfig:
                              f"got {self.compression_ratio_threshold}")
         if self.word_times not in ("llm", "ctc"):
             raise ValueError(f"generation.word_times must be 'llm' or 'ctc', got {self.word_times!r}")
+        if not 0.0 <= self.ctc_weight <= 1.0:
+            raise ValueError(f"generation.ctc_weight must be in [0, 1], got {self.ctc_weight}")
+        if self.ctc_candidates < 1:
+            raise ValueError(f"generation.ctc_candidates must be at least 1, got {self.ctc_candidates}")
         if len(self.ctc_time_offsets) != 2:
             raise ValueError(f"generation.ctc_time_offsets is [start, end] in seconds, got {self.ctc_time_offsets}")
         if any(p <= 0 for p in self.fallback_repetition_penalties):

@@ -62,6 +62,9 @@ LABELS: dict[str, tuple[str, ...]] = {TASKS[t].field: TASKS[t].labels for t in T
 TAG_FIELDS = tuple(LABELS)  # ("event", "emotion", "style", "age", "gender", "language")
 
 SPEECH_CHAT_SEPARATOR = "<answer>"  # between the transcript and the reply in sttc targets
+# What closes the transcript that opens an output: every tag and the sttc separator begin with it, and no
+# transcript contains it (_check_text).
+TRANSCRIPT_END = "<"
 ONLY_PREFIX = "only:"
 AUTO_TASK = "auto"  # a dataset's `task` that means: each sample gets a task drawn from its labels
 # System turn for chat-template layouts (instruct backbones, EChat); the task prompt goes in the user turn.
@@ -120,6 +123,13 @@ class TaskSpec:
     @property
     def only(self) -> bool:
         return self.base is None
+
+    @property
+    def opens_with_transcript(self) -> bool:
+        """The output begins with the plain transcript, which the first TRANSCRIPT_END (a tag, sttc's answer) or
+        the output's end closes: asr, asr+tags and sttc. Joint CTC decoding scores that part token by token
+        (srwt's words interleave with their spans)."""
+        return self.base in ("asr", "sttc")
 
     @property
     def fields(self) -> tuple[str, ...]:

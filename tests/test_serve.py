@@ -138,12 +138,14 @@ class ScriptedModel:
 
     def __init__(self, model):
         self._model = model
+        self.transcribing = []  # each call's flags: which items joint CTC decoding may score
 
     def __getattr__(self, name: str):
         return getattr(self._model, name)
 
     def generate_ids(self, features, feature_lens, prompts, generation=None, streamer=None, stopping_criteria=None,
-                     encoded=None):
+                     encoded=None, transcribing=None):
+        self.transcribing.append(transcribing)
         rows = []
         for p in prompts:
             spec, _ = resolve_task(self._model.tokenizer.decode(p.prefix), None, "en")
@@ -205,6 +207,23 @@ def test_word_and_segment_timestamps(scripted_server):
     assert r.text == "hello world" and r.osum["task"] == "srwt"
     assert [(w.word, w.start, w.end) for w in r.words] == [("hello", 0.5, 1.25), ("world", 1.5, 2.75)]
     assert [(s.start, s.end, s.text) for s in r.segments] == [(0.0, EXAMPLE_SECONDS, "hello world")]
+
+
+def test_outputs_that_open_with_a_transcript_are_flagged_for_joint_ctc_decoding(tiny_model):
+    """The batcher tells generate_ids which items open with a plain transcript (asr, asr+tags, sttc): only those
+    may be decoded jointly with the CTC head; srwt's word spans, only-tags and free instructions are the LLM's."""
+    model = ScriptedModel(tiny_model)
+    with live_server(model, max_new_tokens=64) as url:
+        api = client(url)
+        with open(EXAMPLE, "rb") as f:
+            api.audio.transcriptions.create(model="tiny", file=f)
+        with open(EXAMPLE, "rb") as f:
+            api.audio.transcriptions.create(model="tiny", file=f, response_format="verbose_json",
+                                            timestamp_granularities=["word"])
+        for task in ("asr+ser", "sttc", "only:ser"):
+            api.chat.completions.create(model="tiny", messages=user(audio_part(EXAMPLE)), extra_body={"osum_task": task})
+        api.chat.completions.create(model="tiny", messages=user(text_part("Who is talking?"), audio_part(EXAMPLE)))
+    assert model.transcribing == [[True], [False], [True], [True], [False], [False]]
 
 
 def test_chat_prompt_picks_the_task(scripted_server):
@@ -521,7 +540,7 @@ def test_batcher_merges_only_same_settings():
             return None  # nothing to share: this stand-in reads no audio
 
         def generate_ids(self, features, feature_lens, prompts, generation, streamer=None, stopping_criteria=None,
-                         encoded=None):
+                         encoded=None, transcribing=None):
             calls.append((len(prompts), generation.max_new_tokens))
             return [[7] * generation.max_new_tokens for _ in prompts]
 
@@ -626,7 +645,7 @@ class LoopingModel(ScriptedModel):
         self.penalties = []
 
     def generate_ids(self, features, feature_lens, prompts, generation=None, streamer=None, stopping_criteria=None,
-                     encoded=None):
+                     encoded=None, transcribing=None):
         self.penalties.append(generation.repetition_penalty)
         text = "a plain answer" if generation.repetition_penalty >= 1.3 else "a kind of " * 30
         rows = [self._model.prompts.encode(text) for _ in prompts]

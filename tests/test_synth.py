@@ -277,6 +277,9 @@ def test_fake_build_writes_disjoint_labelled_splits_and_reruns_for_free(tmp_path
                 assert row[field] in tasks.LABELS[field]
         assert textgen.split_of("x") in ("train", "test")
     assert all(r["words"] for r in test_rows["srwt"]) and all(r["answer"] and r["question"] for r in test_rows["sttc"])
+    valid_rows = read_eval_set(out / "valid_synth.jsonl")  # the valid split as an eval list: train voices
+    assert len(valid_rows) == 4 and all(r["text"] and Path(r["audio"]).is_file() for r in valid_rows)
+    assert not any(r["speaker"].endswith("-test") for r in valid_rows)
     for s in train:
         assert not s.speaker.endswith("-test")
         assert s.gender == FAKE_VOICES[s.speaker].gender and s.language == "en"

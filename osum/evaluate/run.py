@@ -175,6 +175,7 @@ class EvalOptions:
     batch_size: int = 16
     decoding: str = "greedy"
     max_new_tokens: int | None = None
+    ctc_weight: float | None = None  # None: the model's generation.ctc_weight
     device: str = "cpu"
     limit: int | None = None
     plots: bool = True
@@ -188,6 +189,8 @@ class EvalOptions:
                 "--decoding", self.decoding, "--device", self.device]
         if self.max_new_tokens is not None:
             args += ["--max-new-tokens", str(self.max_new_tokens)]
+        if self.ctc_weight is not None:
+            args += ["--ctc-weight", str(self.ctc_weight)]
         if self.limit is not None:
             args += ["--limit", str(self.limit)]
         if not self.plots:
@@ -237,6 +240,8 @@ def evaluate(model, data: str | Path, task: str | None, out: str | Path, options
     gen = dataclasses.replace(model.config.generation, **GENERATION_PRESETS[options.decoding])
     if options.max_new_tokens:
         gen.max_new_tokens = options.max_new_tokens
+    if options.ctc_weight is not None:
+        gen = dataclasses.replace(gen, ctc_weight=options.ctc_weight)
     engine = Engine(model, max_batch_size=options.batch_size, generation=gen)
 
     start = time.perf_counter()
@@ -266,6 +271,27 @@ def evaluate(model, data: str | Path, task: str | None, out: str | Path, options
                             "--out", str(out), *options.command_args()])
     report.write_run(out, records, summary, command=command, plots=options.plots)
     return summary
+
+
+CTC_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5)  # the weights --fit-ctc-weight tries (ESPnet's recipes use 0.1-0.5)
+
+
+def fit_ctc_weight(model, data: str | Path, weights: tuple[float, ...] = CTC_WEIGHTS,
+                   options: EvalOptions | None = None) -> tuple[float, list[tuple[float, dict]]]:
+    """The joint CTC/LLM decoding weight (generation.ctc_weight) whose asr transcripts of `data` have the lowest
+    error rate (ties: the smaller weight), and each weight's text score. `data` must be held out from the test
+    sets (a valid split): the weight is a setting chosen on it. The model's other decoding settings are kept."""
+    import tempfile
+
+    options = dataclasses.replace(options or EvalOptions(), plots=False)
+    tried = []
+    with tempfile.TemporaryDirectory(prefix="osum-fit-ctc-") as tmp:
+        for w in weights:
+            summary = evaluate(model, data, "asr", Path(tmp) / f"w{w}", dataclasses.replace(options, ctc_weight=w),
+                               model_name=model.config.name)
+            tried.append((w, summary["text"]))
+    best = min(tried, key=lambda t: (t[1]["rate"], t[0]))[0]
+    return best, tried
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from osum.audio import FRAMES_PER_SECOND
 from osum.config import GenerationConfig, ModelConfig
 from osum.model.adaptor import Adaptor, LayerMix, VoiceSummary
 from osum.model.align import align_words
+from osum.model.ctc_prefix import CTCJointScores, CTCPrefixScorer
 from osum.model.encoder import WhisperAudioEncoder
 from osum.model.encoder_weights import load_into, read_encoder
 from osum.model.llm import apply_lora, build_llm, load_tokenizer
@@ -125,6 +126,7 @@ class SpeechLLM(nn.Module):
             raise ValueError(f"adaptor.tag_heads {cfg.adaptor.tag_heads} read the voice summary's statistics: "
                              "set adaptor.summary_layers")
         self.prompts = PromptBuilder(self.tokenizer, cfg.prompt.layout, cfg.prompt.system, cfg.prompt.end_token)
+        self._enders: list[int] | None = None  # transcript_enders, found once
         self._tag_ids: dict[str, list[list[int]]] = {}  # each tag field's labels as token ids (tag_vectors)
 
     # ---- pieces -------------------------------------------------------------------------------
@@ -463,24 +465,32 @@ class SpeechLLM(nn.Module):
         streamer: BaseStreamer | None = None,
         stopping_criteria: StoppingCriteriaList | None = None,
         encoded: Encoded | None = None,
+        transcribing: list[bool] | None = None,
     ) -> list[list[int]]:
         """Batched generation with KV cache; returns each item's new token ids, stop token excluded.
 
         `streamer` receives each step's new tokens (B,) (HF streamer protocol; not with beam search) and
         `stopping_criteria` may end rows early (a server cancels a disconnected client's row this way).
-        `encoded`: this batch's `encode` already done.
+        `encoded`: this batch's `encode` already done. `transcribing`: the items whose output is a plain
+        transcript, which generation.ctc_weight decodes jointly with the CTC head (None = none).
         """
         gen = generation or self.config.generation
         if gen.seed is not None:
             torch.manual_seed(gen.seed)
-        adaptor_out, adaptor_lens = self.embed_audio(features, feature_lens, encoded)
+        enc = encoded if encoded is not None else self.encode(features, feature_lens)
+        adaptor_out, adaptor_lens = self.embed_audio(features, feature_lens, enc)
         batch = self.assemble(adaptor_out, adaptor_lens, self._as_prompt_ids(prompts))
+        processors = [RepetitionPenalty(gen.repetition_penalty)] if gen.repetition_penalty != 1.0 else []
+        if gen.ctc_weight > 0 and transcribing is not None and any(transcribing):
+            if len(transcribing) != len(prompts):
+                raise ValueError(f"transcribing has {len(transcribing)} flags for {len(prompts)} items")
+            # Last: it rules out every token but the candidates it scores.
+            processors.append(self._ctc_joint(enc, transcribing, gen))
         out = self.base_llm.generate(
             inputs_embeds=batch.inputs_embeds,
             attention_mask=batch.attention_mask,
             generation_config=self.hf_generation_config(gen),
-            logits_processor=LogitsProcessorList(
-                [RepetitionPenalty(gen.repetition_penalty)] if gen.repetition_penalty != 1.0 else []),
+            logits_processor=LogitsProcessorList(processors),
             streamer=streamer,
             stopping_criteria=stopping_criteria,
         )
@@ -495,6 +505,23 @@ class SpeechLLM(nn.Module):
             results.append(ids)
         return results
 
+    def _ctc_joint(self, enc: Encoded, transcribing: list[bool], gen: GenerationConfig) -> CTCJointScores:
+        # The CTC head's scores (ctc_logits), formed only for the candidates the LLM proposes.
+        embed = self.base_llm.get_input_embeddings().weight
+        scorer = CTCPrefixScorer(enc.adaptor_out.to(embed.dtype), embed, enc.adaptor_lens, self.ctc_blank_id)
+        weights = torch.tensor([gen.ctc_weight if t else 0.0 for t in transcribing])
+        return CTCJointScores(scorer, weights, self.transcript_enders(gen), gen.ctc_candidates, gen.num_beams)
+
+    def transcript_enders(self, gen: GenerationConfig) -> list[int]:
+        """The tokens that close a transcript: the stop tokens and every token whose text opens with
+        tasks.TRANSCRIPT_END (a tag, sttc's answer), the CTC blank excepted (a transcript cannot hold it)."""
+        if self._enders is None:
+            markers = ("\u0120", "\u2581")  # byte-level BPE's and SentencePiece's leading-space marks
+            tokens = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+            self._enders = [i for i, tok in enumerate(tokens) if i != self.ctc_blank_id and tok is not None
+                            and tok.lstrip("".join(markers) + " ").startswith(tasks.TRANSCRIPT_END)]
+        return sorted({*self.stop_ids(gen), *self._enders})
+
     def generate(
         self,
         features: torch.Tensor,
@@ -502,8 +529,10 @@ class SpeechLLM(nn.Module):
         prompts: list[str] | list[PromptIds],
         generation: GenerationConfig | None = None,
         encoded: Encoded | None = None,
+        transcribing: list[bool] | None = None,
     ) -> list[str]:
-        ids = self.generate_ids(features, feature_lens, prompts, generation, encoded=encoded)
+        ids = self.generate_ids(features, feature_lens, prompts, generation, encoded=encoded,
+                                transcribing=transcribing)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def understand(self, audio, task: str = "asr", prompt: str | None = None) -> dict:

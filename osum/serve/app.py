@@ -107,7 +107,8 @@ class Service:
         fields = [f for f in (spec.fields if spec is not None else ()) if f in gen.summary_tags]
         ctc = spec is not None and spec.base == "srwt" and gen.word_times == "ctc"
         job = Job([p.features for p in pieces], self.model.prompts.prompt_ids(prompt), gen,
-                  asyncio.get_running_loop(), on_tokens, summary_fields=fields, ctc_words=ctc)
+                  asyncio.get_running_loop(), on_tokens, summary_fields=fields, ctc_words=ctc,
+                  transcribing=spec is not None and spec.opens_with_transcript)
         try:
             self.batcher.submit(job)
         except QueueFull as exc:

@@ -66,6 +66,7 @@ class Job:
         on_tokens: TokenCallback | None = None,
         summary_fields: list[str] | None = None,
         ctc_words: bool = False,
+        transcribing: bool = False,
     ):
         if not features:
             raise ValueError("a job needs at least one piece of audio")
@@ -73,6 +74,7 @@ class Job:
         self.prompt = prompt
         self.summary_fields = list(summary_fields or [])  # tag fields whose labels the voice summary gives
         self.ctc_words = ctc_words  # srwt words timed by the CTC alignment (generation.word_times "ctc")
+        self.transcribing = transcribing  # a plain transcript, which generation.ctc_weight decodes with CTC
         self.generation = generation
         # Only pieces with identical decoding settings can share one generate call.
         self.key = json.dumps(dataclasses.asdict(generation), sort_keys=True)
@@ -276,13 +278,15 @@ class Batcher:
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([_Cancelled(batch)]),
             encoded=encoded,
+            transcribing=[w.job.transcribing for w in batch],
         )
         # The engine's loop guard, for pieces whose text was not streamed (a streamed one keeps what its client has).
         def decode(index: list[int], generation: GenerationConfig) -> list[list[int]]:
             again = [batch[i] for i in index]
             return self.model.generate_ids(padded[index].to(device), lens[index].to(device),
                                            [w.job.prompt for w in again], generation,
-                                           stopping_criteria=StoppingCriteriaList([_Cancelled(again)]))
+                                           stopping_criteria=StoppingCriteriaList([_Cancelled(again)]),
+                                           transcribing=[w.job.transcribing for w in again])
 
         looped = redecode_loops(rows, lambda row: self.model.tokenizer.decode(row, skip_special_tokens=True), decode,
                                 gen, candidates=[i for i, w in enumerate(batch) if w.job.on_tokens is None])

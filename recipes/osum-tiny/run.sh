@@ -6,8 +6,8 @@
 #   STAGES="3 4 5" bash recipes/osum-tiny/run.sh   # some stages
 #   stages: 0 voices · 1 synthesize (shards + test lists) · 2 data stats · 3 CTC warm-up + train stage 1 ·
 #           4/5 train stage 2/3 ·
-#           6 export (bf16, LoRA kept apart, CTC word-time offsets and the event head fitted) · 7 evaluate the
-#           exported model (held-out voices and real recordings)
+#           6 export (bf16, LoRA kept apart, CTC word-time offsets, the event head and the joint CTC decoding
+#           weight fitted) · 7 evaluate the exported model (held-out voices and real recordings)
 # On a GPU machine the same stages run there (training picks CUDA by itself); NPROC>1 uses torchrun DDP.
 # Environment: DATA, EXP, OUT (exported model), PRESET, SENTENCES, JOBS, STEPS0..3, NPROC, FINAL (the training
 # stage whose `final` stage 6 exports, default 3; 2 to release before stage 3); extra arguments
@@ -71,6 +71,8 @@ if run_stage 6; then
     fit+=(--generation "summary_tags=[gender,age]" --fit-tag-heads "event=$DATA/train_synth_ved.jsonl"
           --tag-head-groups extra.event.clip)
   fi
+  # joint CTC/LLM decoding of transcripts, its weight chosen on the valid split (0 when CTC does not help there)
+  if [ -f "$DATA/valid_synth.jsonl" ]; then fit+=(--fit-ctc-weight "$DATA/valid_synth.jsonl"); fi
   "$OSUM" export "$EXP/stage$FINAL/final" --keep-lora --dtype bfloat16 "${fit[@]}" --out "$OUT"
   if [ -n "$card" ]; then
     mv "$card" "$OUT/README.md"

@@ -5,7 +5,8 @@ provenance. Re-running skips utterances whose audio and metadata are already the
 
 Layout of `out`: train/ and valid/ (synthetic, train voices), train_real/ (real recordings), each osum shards
 + manifest.json; test_synth_<family>.jsonl (held-out voices, sentences and event clips) and test_real.jsonl
-(eval lists for `osum eval --data`); sentences.jsonl (every sentence with its source and split);
+(eval lists for `osum eval --data`); valid_synth.jsonl (the valid split as an eval list, for choosing decoding
+settings such as `osum export --fit-ctc-weight` without the test sets); sentences.jsonl (every sentence with its source and split);
 provenance.json; mixture.yaml (a data mixture over the shard folders); train_synth_<family>.jsonl (the training
 utterances of each family, for mixtures that weight families); audio/ (the per-utterance FLAC + JSON the shards
 are made from, kept so a re-run can skip finished work).
@@ -582,6 +583,8 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
             path = out / f"test_synth_{family}.jsonl"
             _write_jsonl(path, rows)
             test_files[path.name] = len(rows)
+    if by_split["valid"]:
+        _write_jsonl(out / "valid_synth.jsonl", [eval_row(r["sample"]) for r in by_split["valid"]])
     if real_records["test"]:
         _write_jsonl(out / "test_real.jsonl", [eval_row(r["sample"]) for r in real_records["test"]])
         test_files["test_real.jsonl"] = len(real_records["test"])
