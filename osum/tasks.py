@@ -63,7 +63,7 @@ TAG_FIELDS = tuple(LABELS)  # ("event", "emotion", "style", "age", "gender", "la
 
 SPEECH_CHAT_SEPARATOR = "<answer>"  # between the transcript and the reply in sttc targets
 # What closes the transcript that opens an output: every tag and the sttc separator begin with it, and no
-# transcript contains it (_check_text).
+# transcript contains it (_check_text), so the first token holding it ends the transcript.
 TRANSCRIPT_END = "<"
 ONLY_PREFIX = "only:"
 AUTO_TASK = "auto"  # a dataset's `task` that means: each sample gets a task drawn from its labels

@@ -156,11 +156,13 @@ def test_transcript_enders_are_the_stops_and_tokens_opening_with_a_tag_mark(mode
     assert (model.ctc_blank_id in enders) == (model.ctc_blank_id in model.stop_ids(gen))  # a blank only as a stop
     opener = model.tokenizer.convert_tokens_to_ids(tasks.TRANSCRIPT_END)
     assert opener in enders
-    for spec in ("asr+ser", "sttc"):  # what the model writes after the transcript opens with an ender
-        target = tasks.format_target(spec, tasks.Result(transcript="hello world", emotion="happy", answer="hi"))
+    # The first token of what follows the transcript is an ender, also where BPE merges "<" with the
+    # punctuation before it (".<"); no token before it is one.
+    for spec, text in itertools.product(("asr+ser", "sttc"), ("hello world", "Hello world.", "Is it?")):
+        target = tasks.format_target(spec, tasks.Result(transcript=text, emotion="happy", answer="hi"))
         ids = model.prompts.encode(target)
-        words = len(model.prompts.encode("hello world"))
-        assert ids[words] in enders and not set(ids[:words]) & set(enders)
+        first = next(i for i in range(len(ids)) if tasks.TRANSCRIPT_END in model.tokenizer.decode(ids[: i + 1]))
+        assert ids[first] in enders and not set(ids[:first]) & set(enders), (spec, text)
 
 
 def test_a_prefix_missing_from_the_cache_is_replayed():

@@ -39,8 +39,9 @@ class CTCPrefixScorer:
         self.pad = torch.arange(frames.shape[1], device=frames.device)[None, :] >= lens.to(frames.device)[:, None]
         # Each position's log-normaliser, one item at a time: (T, V) at most is formed at once.
         self.lse = torch.stack([(f @ self.table.T.float()).logsumexp(-1) for f in self.frames])  # (B, T)
-        self.blank_lp = self._columns(torch.arange(len(lens), device=frames.device),
-                                      torch.full((len(lens), 1), blank, device=frames.device))[..., 0].masked_fill(self.pad, 0.0)
+        items = torch.arange(len(lens), device=frames.device)
+        blank_lp = self._columns(items, torch.full((len(lens), 1), blank, device=frames.device))[..., 0]
+        self.blank_lp = blank_lp.masked_fill(self.pad, 0.0)  # (B, T)
 
     def _columns(self, items: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """log-probabilities (R, T, K) of tokens (R, K) at every position of the rows' items (R,)."""
@@ -74,16 +75,14 @@ class CTCPrefixScorer:
         phi = torch.where(repeat[:, None, :], states[:, :, 1:2], prev[:, :, None])  # (R, T, K)
         # The first position may spell the candidate only when the prefix is empty.
         first = torch.where((last < 0)[:, None], xc[:, 0], torch.full_like(xc[:, 0], NEG))  # (R, K)
+        entered = phi[:, :-1] + xc[:, 1:]  # (R, T - 1, K): the candidate's first position is t = 1, 2, ...
         r_tok, r_blank = [first], [torch.full_like(first, NEG)]
-        score = first
         for t in range(1, T):
-            entered = phi[:, t - 1] + xc[:, t]  # the candidate's first position is t
-            r_tok.append(torch.logaddexp(r_tok[-1] + xc[:, t], entered))
+            r_tok.append(torch.logaddexp(r_tok[-1] + xc[:, t], entered[:, t - 1]))
             r_blank.append(torch.logaddexp(r_blank[-1], r_tok[-2]) + xb[:, t, None])
-            score = torch.logaddexp(score, entered)
         new = torch.stack([torch.stack(r_tok, -1), torch.stack(r_blank, -1)], -1)  # (R, K, T, 2)
-        # The blank is no token of a transcript: a prefix cannot grow by it.
-        score = score.masked_fill(candidates == self.blank, NEG)
+        # The prefix score sums over where the candidate begins; the blank is no token of a transcript.
+        score = torch.cat([first[:, None], entered], 1).logsumexp(1).masked_fill(candidates == self.blank, NEG)
         return score.clamp(min=NEG), new.clamp(min=NEG)
 
 

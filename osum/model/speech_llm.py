@@ -513,13 +513,13 @@ class SpeechLLM(nn.Module):
         return CTCJointScores(scorer, weights, self.transcript_enders(gen), gen.ctc_candidates, gen.num_beams)
 
     def transcript_enders(self, gen: GenerationConfig) -> list[int]:
-        """The tokens that close a transcript: the stop tokens and every token whose text opens with
-        tasks.TRANSCRIPT_END (a tag, sttc's answer), the CTC blank excepted (a transcript cannot hold it)."""
+        """The tokens that close a transcript: the stop tokens and every token holding tasks.TRANSCRIPT_END (a
+        tag or sttc's answer opens there; BPE merges it with the punctuation before it, as in ".<"), the CTC blank
+        excepted (a transcript cannot hold it)."""
         if self._enders is None:
-            markers = ("\u0120", "\u2581")  # byte-level BPE's and SentencePiece's leading-space marks
             tokens = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
-            self._enders = [i for i, tok in enumerate(tokens) if i != self.ctc_blank_id and tok is not None
-                            and tok.lstrip("".join(markers) + " ").startswith(tasks.TRANSCRIPT_END)]
+            self._enders = [i for i, tok in enumerate(tokens)
+                            if i != self.ctc_blank_id and tok is not None and tasks.TRANSCRIPT_END in tok]
         return sorted({*self.stop_ids(gen), *self._enders})
 
     def generate(
