@@ -121,7 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         given = [flag for flag, v in (("--data", args.data), ("--task", args.task)) if v]
         if given:
             raise ValueError(f"--suite runs what its file names; leave out {', '.join(given)}")
-        rows, table = run_suite(args.suite, out=args.out, model=args.model)
+        rows, table = run_suite(args.suite, out=args.out, model=args.model, ctc_weight=args.ctc_weight)
         print(table.read_text(encoding="utf-8"))
         failed = sum(r["summary"]["counts"]["failed"] for r in rows)
         print(f"osum eval: {len(rows)} runs, {failed} failed utterances; table in {table}", file=sys.stderr)

@@ -166,10 +166,11 @@ class GenerationConfig:
     # `osum export --fit-word-times` measures on labelled data. The `raw` output keeps what the LLM wrote.
     word_times: str = "llm"
     ctc_time_offsets: list[float] = field(default_factory=lambda: [0.0, 0.0])
-    # Joint CTC/LLM decoding of plain transcripts (the asr task), for a model trained with ctc_weight > 0: each of
-    # the LLM's top ctc_candidates next tokens is scored (1 - w) * its LLM log-probability + w * its CTC prefix
-    # score's increase (osum.model.ctc_prefix), which holds the transcript to what the audio spells. 0 = the LLM
-    # alone. Other tasks (tags, word spans, chat) are decoded by the LLM alone whatever this says.
+    # Joint CTC/LLM decoding of transcripts, for a model trained with ctc_weight > 0: each of the LLM's top
+    # ctc_candidates next tokens is scored (1 - w) * its LLM log-probability + w * its CTC prefix score's increase
+    # (osum.model.ctc_prefix), which holds the transcript to what the audio spells. It covers the transcript that
+    # opens asr, asr+tags and sttc outputs, up to the first tag or answer; the rest, srwt and free instructions
+    # are the LLM's alone. 0 = the LLM alone; `osum export --fit-ctc-weight` chooses w on held-out data.
     ctc_weight: float = 0.0
     ctc_candidates: int = 10
 

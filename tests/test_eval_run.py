@@ -133,6 +133,11 @@ def test_suite_writes_one_table(tmp_path, tiny_model, monkeypatch, bad_audio_fil
     rows, table = run_suite(suite, out=tmp_path / "other", model="checkpoint-x")
     assert {r["model"] for r in rows} == {"checkpoint-x"} and table == tmp_path / "other" / "results.md"
     assert f"osum eval --suite {suite} --model checkpoint-x --out {tmp_path / 'other'}" in table.read_text()
+    # the same sets decoded another way: every run's joint CTC weight, spelled out in each run's command
+    rows, table = run_suite(suite, out=tmp_path / "ctc", ctc_weight=0.25)
+    assert all(r["summary"]["run"]["generation"]["ctc_weight"] == 0.25 for r in rows)
+    assert all("--ctc-weight 0.25" in r["summary"]["command"] for r in rows)
+    assert f"osum eval --suite {suite} --ctc-weight 0.25 --out {tmp_path / 'ctc'}" in table.read_text()
     with pytest.raises(ValueError, match="unknown keys"):
         bad = tmp_path / "bad.yaml"
         bad.write_text("model: tiny\nruns:\n  - {name: x, data: y, tsak: asr}\n")

@@ -471,8 +471,9 @@ class SpeechLLM(nn.Module):
 
         `streamer` receives each step's new tokens (B,) (HF streamer protocol; not with beam search) and
         `stopping_criteria` may end rows early (a server cancels a disconnected client's row this way).
-        `encoded`: this batch's `encode` already done. `transcribing`: the items whose output is a plain
-        transcript, which generation.ctc_weight decodes jointly with the CTC head (None = none).
+        `encoded`: this batch's `encode` already done. `transcribing`: the items whose output opens with a
+        transcript (TaskSpec.opens_with_transcript), which generation.ctc_weight decodes jointly with the CTC
+        head up to the transcript's end (None = none).
         """
         gen = generation or self.config.generation
         if gen.seed is not None:

@@ -74,7 +74,7 @@ class Job:
         self.prompt = prompt
         self.summary_fields = list(summary_fields or [])  # tag fields whose labels the voice summary gives
         self.ctc_words = ctc_words  # srwt words timed by the CTC alignment (generation.word_times "ctc")
-        self.transcribing = transcribing  # a plain transcript, which generation.ctc_weight decodes with CTC
+        self.transcribing = transcribing  # opens with a transcript, which generation.ctc_weight decodes with CTC
         self.generation = generation
         # Only pieces with identical decoding settings can share one generate call.
         self.key = json.dumps(dataclasses.asdict(generation), sort_keys=True)

@@ -3,10 +3,11 @@
 For each utterance of an `osum eval` run, decode the adaptor's greedy CTC transcript (SpeechLLM.ctc_greedy, the
 view that `valid_ctc_wer` logs in training) and score it against the reference beside the run's own LLM
 transcripts, by the same WER and English normaliser. A CTC transcript far better than the LLM's says the LLM
-rewrites what it hears into sentences its training text makes likely:
+rewrites what it hears into sentences its training text makes likely (what joint CTC decoding,
+generation.ctc_weight, counters; `--ctc-weight 0` gives the LLM's own transcripts):
 
-    osum eval --suite recipes/osum-tiny/eval.yaml                # writes exp/osum-tiny/eval-release/real
-    python recipes/osum-tiny/ctc_vs_llm.py exp/osum-tiny/eval-release/real
+    osum eval --suite recipes/osum-tiny/eval.yaml --ctc-weight 0 --out exp/osum-tiny/eval-llm
+    python recipes/osum-tiny/ctc_vs_llm.py exp/osum-tiny/eval-llm/real --model osum-tiny
 """
 from __future__ import annotations
 
