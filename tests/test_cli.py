@@ -41,6 +41,23 @@ def test_infer_all_good_exit_zero(capsys):
     assert row["key"] == EXAMPLE
 
 
+def test_infer_ctc_weight_reaches_the_engine_and_is_checked(monkeypatch, capsys):
+    from osum.infer import engine
+
+    seen = []
+
+    class Spy(engine.Engine):
+        def __init__(self, model, **kwargs):
+            seen.append(kwargs["generation"].ctc_weight)
+            super().__init__(model, **kwargs)
+
+    monkeypatch.setattr(engine, "Engine", Spy)
+    assert main(["infer", EXAMPLE, "--model", "tiny", "--max-new-tokens", "3", "--ctc-weight", "0.4"]) == 0
+    assert seen == [0.4]
+    assert main(["infer", EXAMPLE, "--model", "tiny", "--ctc-weight", "1.5"]) == 2
+    assert "ctc_weight must be in [0, 1]" in capsys.readouterr().err
+
+
 def test_bad_task_is_a_usage_error(capsys):
     assert main(["infer", EXAMPLE, "--task", "asr+nope"]) == 2
     assert "nope" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -281,8 +282,6 @@ def fit_ctc_weight(model, data: str | Path, weights: tuple[float, ...] = CTC_WEI
     """The joint CTC/LLM decoding weight (generation.ctc_weight) whose asr transcripts of `data` have the lowest
     error rate (ties: the smaller weight), and each weight's text score. `data` must be held out from the test
     sets (a valid split): the weight is a setting chosen on it. The model's other decoding settings are kept."""
-    import tempfile
-
     options = dataclasses.replace(options or EvalOptions(), plots=False)
     tried = []
     with tempfile.TemporaryDirectory(prefix="osum-fit-ctc-") as tmp:
