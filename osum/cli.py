@@ -256,9 +256,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         from osum.evaluate.run import fit_ctc_weight
 
         best, tried = fit_ctc_weight(model.eval(), args.fit_ctc_weight)
-        for w, text in tried:
-            print(f"ctc_weight {w}: {text['metric'].upper()} {100 * text['rate']:.2f}% over {text['utterances']} "
-                  f"utterances of {args.fit_ctc_weight}", file=sys.stderr)
+        for w, rate, scores in tried:
+            each = "; ".join(f"{path}: {100 * t['rate']:.2f}% over {t['utterances']}" for path, t in scores.items())
+            print(f"ctc_weight {w}: WER {100 * rate:.2f}% pooled ({each})", file=sys.stderr)
         model.config.generation = dataclasses.replace(model.config.generation, ctc_weight=best)
         print(f"joint CTC/LLM decoding of transcripts: generation.ctc_weight {best}", file=sys.stderr)
     dtype = torch_dtype(args.dtype) if args.dtype else None
@@ -388,9 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fit a linear head for a tag field (event, age, ...) over the voice summary's pooled "
                         "statistics on these labelled utterances, and read that field off it "
                         "(generation.summary_tags); repeatable")
-    p.add_argument("--fit-ctc-weight", metavar="LIST.jsonl",
+    p.add_argument("--fit-ctc-weight", action="append", default=[], metavar="LIST.jsonl",
                    help="choose generation.ctc_weight (joint CTC/LLM decoding of transcripts) among 0, 0.1, 0.2, "
-                        "0.3 and 0.5 by the asr error rate on these held-out utterances (a valid split, not a test set)")
+                        "0.3 and 0.5 by the asr error rate on these held-out utterances (valid splits, not test "
+                        "sets), pooled over the lists given (repeatable)")
     p.add_argument("--tag-head-reg", type=float, default=1e-2,
                    help="L2 penalty of the tag heads' fit, on standardised statistics (default 0.01)")
     p.add_argument("--tag-head-groups", metavar="KEY",

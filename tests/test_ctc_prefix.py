@@ -230,20 +230,30 @@ def test_engine_flags_only_the_plain_asr_task(model, monkeypatch):
     assert all(len(flags) == 2 for flags in seen)
 
 
-def test_fit_ctc_weight_picks_the_lowest_error_rate_and_the_smaller_weight_on_ties(monkeypatch, model):
+def test_fit_ctc_weight_pools_the_lists_and_takes_the_smaller_weight_on_ties(monkeypatch, model):
     from osum.evaluate import run
 
-    rates = {0.0: 0.30, 0.1: 0.20, 0.2: 0.12, 0.3: 0.12, 0.5: 0.25}
+    # errors per weight on a long synthetic list (1 000 words) and a short real one (100 words): the real list
+    # alone would pick 0.5, the synthetic one 0.2; pooled, 0.2 and 0.3 tie (30 errors) and 0.2 wins
+    errors = {"synth.jsonl": {0.0: 40, 0.1: 30, 0.2: 10, 0.3: 12, 0.5: 25},
+              "real.jsonl": {0.0: 40, 0.1: 30, 0.2: 20, 0.3: 18, 0.5: 10}}
+    words = {"synth.jsonl": 1000, "real.jsonl": 100}
     calls = []
 
     def scripted(model, data, task, out, options, model_name=None):
-        calls.append((task, options.ctc_weight, options.plots))
-        return {"text": {"rate": rates[options.ctc_weight]}}
+        calls.append((data, task, options.ctc_weight, options.plots))
+        e, n = errors[data][options.ctc_weight], words[data]
+        return {"text": {"errors": e, "ref_len": n, "rate": e / n, "utterances": 1}}
 
     monkeypatch.setattr(run, "evaluate", scripted)
-    best, tried = run.fit_ctc_weight(model, "valid.jsonl")
-    assert best == 0.2 and [w for w, _ in tried] == list(run.CTC_WEIGHTS)
-    assert calls == [("asr", w, False) for w in run.CTC_WEIGHTS]
+    best, tried = run.fit_ctc_weight(model, ["synth.jsonl", "real.jsonl"])
+    assert best == 0.2 and [w for w, _, _ in tried] == list(run.CTC_WEIGHTS)
+    assert [rate for _, rate, _ in tried] == pytest.approx([80 / 1100, 60 / 1100, 30 / 1100, 30 / 1100, 35 / 1100])
+    assert calls == [(d, "asr", w, False) for w in run.CTC_WEIGHTS for d in ("synth.jsonl", "real.jsonl")]
+    errors["real.jsonl"][0.5] = 0  # now 0.5 pools 25 errors, fewer than any other
+    assert run.fit_ctc_weight(model, ["synth.jsonl", "real.jsonl"])[0] == 0.5
+    with pytest.raises(ValueError, match="at least one list"):
+        run.fit_ctc_weight(model, [])
 
 
 def test_export_chooses_the_ctc_weight_on_a_held_out_list(tmp_path, model, capsys):
@@ -258,7 +268,7 @@ def test_export_chooses_the_ctc_weight_on_a_held_out_list(tmp_path, model, capsy
     source = checkpoint.save(model, tmp_path / "ckpt")
     assert main(["export", str(source), "--keep-lora", "--out", str(tmp_path / "out"), "--fit-ctc-weight", str(data)]) == 0
     err = capsys.readouterr().err
-    rates = {float(m[0]): float(m[1]) for m in re.findall(r"ctc_weight ([0-9.]+): WER ([0-9.]+)%", err)}
+    rates = {float(m[0]): float(m[1]) for m in re.findall(r"ctc_weight ([0-9.]+): WER ([0-9.]+)% pooled", err)}
     assert sorted(rates) == list(CTC_WEIGHTS)
     chosen = json.loads((tmp_path / "out" / "config.json").read_text())["model"]["generation"]["ctc_weight"]
     assert rates[chosen] == min(rates.values()) and f"generation.ctc_weight {chosen}" in err

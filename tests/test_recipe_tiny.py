@@ -25,8 +25,9 @@ def test_recipe_training_export_eval_stages(tmp_path):
     assert len({r["event"] for r in rows if r["task"] == "asr+ved"}) > 1
     (data / "mixture.yaml").write_text("train:\n  synth: {shards: list.jsonl}\nvalid:\n  synth: {shards: list.jsonl}\n")
     shutil.copy(listing, data / "test_synth_sgc.jsonl")
-    # the valid split as an eval list, on which the export chooses the joint CTC decoding weight
+    # the valid splits as eval lists, on which the export chooses the joint CTC decoding weight
     (data / "valid_synth.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    (data / "valid_real.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[4:6]))
     shutil.copy(listing, data / "test_real.jsonl")
     exp, out = tmp_path / "exp", tmp_path / "model"
     out.mkdir()
@@ -66,6 +67,7 @@ def test_recipe_training_export_eval_stages(tmp_path):
     assert released["model"]["adaptor"]["tag_heads"] == ["event"]
     assert generation["summary_tags"] == ["gender", "age", "event"]
     assert f"generation.ctc_weight {generation['ctc_weight']}" in proc.stderr
+    assert f"{data / 'valid_synth.jsonl'}: " in proc.stderr and f"{data / 'valid_real.jsonl'}: " in proc.stderr
     assert f"model: {out}" in (exp / "suite.yaml").read_text()  # stage 7 evaluates what stage 6 exported
     import osum
 

@@ -3,6 +3,7 @@ and whole builds with a fake TTS engine (deterministic, re-runnable, disjoint sp
 exercised by the tests at the end, skipped only when their programs are not installed."""
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +202,11 @@ def test_asterisk_transcripts_are_normalised_or_skipped_with_a_reason():
     for uid in real.FORCED_TEST:
         assert real.split_of(uid) == "test"
     assert real.split_of("asterisk/x") == real.split_of("asterisk/x")
+    ids = [f"asterisk/prompt-{i}" for i in range(4000)]
+    shares = Counter(real.split_of(i) for i in ids)
+    assert abs(shares["test"] / 4000 - real.TEST_SHARE) < 0.03 and abs(shares["valid"] / 4000 - real.VALID_SHARE) < 0.03
+    # the valid share takes from training only: the test split is the same without it (corpora built before)
+    assert [real.split_of(i, 0.0) for i in ids] == [("test" if s == "test" else "train") for s in map(real.split_of, ids)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -230,7 +236,8 @@ def fake_tts(voice, requests, workdir):
 
 def _fake_real(tmp_path):
     utts = []
-    for i, (split, gender) in enumerate((("train", "female"), ("test", "male"), ("train", "male"))):
+    for i, (split, gender) in enumerate((("train", "female"), ("test", "male"), ("train", "male"),
+                                         ("valid", "female"))):
         path = tmp_path / f"real{i}.wav"
         sf.write(path, 0.1 * np.sin(np.arange(8000 * 2) / 8000 * 2 * np.pi * 150), 8000)  # 8 kHz, as Asterisk
         utts.append(real.RealUtterance(f"corpus/u{i}", str(path), f"real utterance {i}", gender, "fake-corpus",
@@ -297,6 +304,9 @@ def test_fake_build_writes_disjoint_labelled_splits_and_reruns_for_free(tmp_path
     assert [(r["text"], r["gender"]) for r in real_rows] == [("real utterance 1", "male")]
     assert sf.info(real_rows[0]["audio"]).samplerate == SR
     assert json.loads((out / "train_real" / "manifest.json").read_text())["samples"] == 2
+    # the real valid split: an eval list, never in the training shards
+    assert [(r["text"], r["gender"]) for r in read_eval_set(out / "valid_real.jsonl")] == [("real utterance 3", "female")]
+    assert prov["real"]["valid"]["utterances"] == 1
     sentences = [json.loads(line) for line in (out / "sentences.jsonl").read_text().splitlines()]
     assert all(s["source"].startswith(textgen.SOURCE) and s["split"] in ("train", "test") for s in sentences)
     mix = load_mixture(out / "mixture.yaml")

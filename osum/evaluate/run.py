@@ -277,19 +277,26 @@ def evaluate(model, data: str | Path, task: str | None, out: str | Path, options
 CTC_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5)  # the weights --fit-ctc-weight tries (ESPnet's recipes use 0.1-0.5)
 
 
-def fit_ctc_weight(model, data: str | Path, weights: tuple[float, ...] = CTC_WEIGHTS,
-                   options: EvalOptions | None = None) -> tuple[float, list[tuple[float, dict]]]:
-    """The joint CTC/LLM decoding weight (generation.ctc_weight) whose asr transcripts of `data` have the lowest
-    error rate (ties: the smaller weight), and each weight's text score. `data` must be held out from the test
-    sets (a valid split): the weight is a setting chosen on it. The model's other decoding settings are kept."""
+def fit_ctc_weight(model, data: list[str | Path], weights: tuple[float, ...] = CTC_WEIGHTS,
+                   options: EvalOptions | None = None) -> tuple[float, list[tuple[float, float, dict[str, dict]]]]:
+    """The joint CTC/LLM decoding weight (generation.ctc_weight) whose asr transcripts of the `data` lists have
+    the lowest error rate pooled over them (errors over reference words; ties: the smaller weight), and each
+    weight's (pooled rate, each list's text score). The lists must be held out from the test sets (valid
+    splits): the weight is a setting chosen on them. The model's other decoding settings are kept."""
+    if not data:
+        raise ValueError("fit_ctc_weight needs at least one list")
     options = dataclasses.replace(options or EvalOptions(), plots=False)
     tried = []
     with tempfile.TemporaryDirectory(prefix="osum-fit-ctc-") as tmp:
         for w in weights:
-            summary = evaluate(model, data, "asr", Path(tmp) / f"w{w}", dataclasses.replace(options, ctc_weight=w),
-                               model_name=model.config.name)
-            tried.append((w, summary["text"]))
-    best = min(tried, key=lambda t: (t[1]["rate"], t[0]))[0]
+            scores = {}
+            for i, path in enumerate(data):
+                summary = evaluate(model, path, "asr", Path(tmp) / f"w{w}-{i}",
+                                   dataclasses.replace(options, ctc_weight=w), model_name=model.config.name)
+                scores[str(path)] = summary["text"]
+            words = sum(t["ref_len"] for t in scores.values())
+            tried.append((w, sum(t["errors"] for t in scores.values()) / max(words, 1), scores))
+    best = min(tried, key=lambda t: (t[1], t[0]))[0]
     return best, tried
 
 

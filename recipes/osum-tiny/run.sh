@@ -9,8 +9,9 @@
 #           6 export (bf16, LoRA kept apart, CTC word-time offsets, the event head and the joint CTC decoding
 #           weight fitted) · 7 evaluate the exported model (held-out voices and real recordings)
 # On a GPU machine the same stages run there (training picks CUDA by itself); NPROC>1 uses torchrun DDP.
-# Environment: DATA, EXP, OUT (exported model), PRESET, SENTENCES, JOBS, STEPS0..3, NPROC, FINAL (the training
-# stage whose `final` stage 6 exports, default 3; 2 to release before stage 3); extra arguments
+# Environment: DATA, EXP, OUT (exported model), PRESET, SENTENCES, JOBS, REAL_VALID (share of the real recordings
+# held out for choosing decoding settings, default 0.1; 0 for the corpus of the current release), STEPS0..3,
+# NPROC, FINAL (the training stage whose `final` stage 6 exports, default 3; 2 to release before stage 3); extra arguments
 # are dotted overrides for the three training stages (e.g. `precision=bf16 data.num_workers=2`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -45,7 +46,9 @@ train() {  # stage number (0 = CTC warm-up, 1..3), steps
 }
 
 if run_stage 0; then bash "$here/install_voices.sh"; fi
-if run_stage 1; then "$OSUM" synth --out "$DATA" --sentences "$SENTENCES" --jobs "$JOBS"; fi
+if run_stage 1; then
+  "$OSUM" synth --out "$DATA" --sentences "$SENTENCES" --jobs "$JOBS" --real-valid-share "${REAL_VALID:-0.1}"
+fi
 if run_stage 2; then "$OSUM" data stats "$DATA/train" --png "$DATA/train_durations.png"; fi
 shift_args=("$@")
 if run_stage 3; then
@@ -71,8 +74,11 @@ if run_stage 6; then
     fit+=(--generation "summary_tags=[gender,age]" --fit-tag-heads "event=$DATA/train_synth_ved.jsonl"
           --tag-head-groups extra.event.clip)
   fi
-  # joint CTC/LLM decoding of transcripts, its weight chosen on the valid split (0 when CTC does not help there)
-  if [ -f "$DATA/valid_synth.jsonl" ]; then fit+=(--fit-ctc-weight "$DATA/valid_synth.jsonl"); fi
+  # joint CTC/LLM decoding of transcripts, its weight chosen on the valid splits, synthetic and real, pooled
+  # (0 when CTC does not help there)
+  for list in "$DATA/valid_synth.jsonl" "$DATA/valid_real.jsonl"; do
+    if [ -f "$list" ]; then fit+=(--fit-ctc-weight "$list"); fi
+  done
   "$OSUM" export "$EXP/stage$FINAL/final" --keep-lora --dtype bfloat16 "${fit[@]}" --out "$OUT"
   if [ -n "$card" ]; then
     mv "$card" "$OUT/README.md"

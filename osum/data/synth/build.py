@@ -5,8 +5,9 @@ provenance. Re-running skips utterances whose audio and metadata are already the
 
 Layout of `out`: train/ and valid/ (synthetic, train voices), train_real/ (real recordings), each osum shards
 + manifest.json; test_synth_<family>.jsonl (held-out voices, sentences and event clips) and test_real.jsonl
-(eval lists for `osum eval --data`); valid_synth.jsonl (the valid split as an eval list, for choosing decoding
-settings such as `osum export --fit-ctc-weight` without the test sets); sentences.jsonl (every sentence with its source and split);
+(eval lists for `osum eval --data`); valid_synth.jsonl and valid_real.jsonl (the synthetic valid split and the
+real recordings' valid split as eval lists, for choosing decoding settings such as `osum export
+--fit-ctc-weight` without the test sets); sentences.jsonl (every sentence with its source and split);
 provenance.json; mixture.yaml (a data mixture over the shard folders); train_synth_<family>.jsonl (the training
 utterances of each family, for mixtures that weight families); audio/ (the per-utterance FLAC + JSON the shards
 are made from, kept so a re-run can skip finished work).
@@ -37,6 +38,7 @@ from osum.data.stats import PipelineStats
 from osum.data.synth import effects, text as textgen
 from osum.data.synth.align import Aligner, timing_error
 from osum.data.synth.real import MAX_SECONDS, RealUtterance, real_utterances
+from osum.data.synth.real import TEST_SHARE as REAL_TEST_SHARE, VALID_SHARE as REAL_VALID_SHARE
 from osum.data.synth.voices import (SAMPLE_RATE, VOICES, Speech, Voice, missing, read_wav, synthesize,
                                     timing_source)
 
@@ -65,6 +67,7 @@ class SynthConfig:
     seed: int = 0
     jobs: int = 1
     real: bool = True  # include the real recordings
+    real_valid: float = REAL_VALID_SHARE  # share of the real recordings held out as valid_real.jsonl (0: none)
     events_root: str = effects.HEDGEWARS_VOICES
     per_shard: int = 1000
 
@@ -493,6 +496,9 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
     if cfg.sentences < 0 or cfg.test_per_task < 0 or cfg.valid < 0 or cfg.jobs < 1:
         raise ValueError(f"sentences, test_per_task, valid must be >= 0 and jobs >= 1, got {cfg.sentences}, "
                          f"{cfg.test_per_task}, {cfg.valid}, {cfg.jobs}")
+    if not 0 <= cfg.real_valid <= 1 - REAL_TEST_SHARE:
+        raise ValueError(f"real_valid must be in [0, {1 - REAL_TEST_SHARE}] (the test split keeps "
+                         f"{REAL_TEST_SHARE}), got {cfg.real_valid}")
     voices, unusable = select_voices(cfg.voices, registry or VOICES, available)
     clips = {s: effects.event_clips(s, cfg.events_root) for s in ("train", "test")}
     aligner = Aligner.get()
@@ -548,10 +554,10 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
             pool_.join()
     synth_wall = time.perf_counter() - t_synth
 
-    real_records: dict[str, list[dict]] = {"train": [], "test": []}
+    real_records: dict[str, list[dict]] = {"train": [], "valid": [], "test": []}
     real_skipped: Counter = Counter()
     if cfg.real:
-        utts, real_skipped = (real, Counter()) if real is not None else real_utterances()
+        utts, real_skipped = (real, Counter()) if real is not None else real_utterances(cfg.real_valid)
         for utt in utts:
             record, why = render_real(utt, out)
             if record is None:
@@ -585,6 +591,8 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
             test_files[path.name] = len(rows)
     if by_split["valid"]:
         _write_jsonl(out / "valid_synth.jsonl", [eval_row(r["sample"]) for r in by_split["valid"]])
+    if real_records["valid"]:
+        _write_jsonl(out / "valid_real.jsonl", [eval_row(r["sample"]) for r in real_records["valid"]])
     if real_records["test"]:
         _write_jsonl(out / "test_real.jsonl", [eval_row(r["sample"]) for r in real_records["test"]])
         test_files["test_real.jsonl"] = len(real_records["test"])
@@ -602,7 +610,8 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
     provenance = {
         "format": FORMAT,
         "config": {"sentences": cfg.sentences, "test_per_task": cfg.test_per_task, "valid": cfg.valid,
-                   "voices": cfg.voices, "seed": cfg.seed, "jobs": cfg.jobs, "real": cfg.real},
+                   "voices": cfg.voices, "seed": cfg.seed, "jobs": cfg.jobs, "real": cfg.real,
+                   "real_valid": cfg.real_valid},
         "voices": {vid: {"engine": v.engine, "name": v.name, "gender": v.gender, "split": v.split, "note": v.note}
                    for vid, v in sorted(voices.items())},
         "voices_unusable": unusable,
@@ -624,9 +633,10 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
                    "emotion": effects.EMOTION_PROFILES, "style": effects.STYLE_PROFILES},
         "timestamps": _timing_summary(list(records.values())),
         "splits": {split: _counts(recs) for split, recs in sorted(by_split.items())},
-        "real": {"train": _counts(real_records["train"]), "test": _counts(real_records["test"]),
+        "real": {**{split: _counts(recs) for split, recs in real_records.items()},
                  "skipped": dict(real_skipped),
-                 "split_rule": "sha256 of the utterance id < 0.2 -> test; the clips in examples/ always test"},
+                 "split_rule": f"sha256 of the utterance id < {REAL_TEST_SHARE} -> test, < "
+                               f"{REAL_TEST_SHARE + cfg.real_valid} -> valid; the clips in examples/ always test"},
         "test_files": test_files,
         "decisions": dict(decisions),
         "failures": failures,

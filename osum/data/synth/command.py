@@ -17,6 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="plan seed: same seed, same corpus (default: 0)")
     p.add_argument("--jobs", type=int, default=1, help="parallel synthesis processes (default: 1)")
     p.add_argument("--no-real", action="store_true", help="leave out the real Debian recordings")
+    p.add_argument("--real-valid-share", type=float, default=0.1,
+                   help="share of the real recordings held out as valid_real.jsonl, never trained on (default: "
+                        "0.1; 0 gives corpora built before it, whose train_real held them)")
     p.add_argument("--list-voices", action="store_true", help="list the voices and whether each works here")
     p.set_defaults(func=cmd_synth)
 
@@ -34,7 +37,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from osum.data.synth.build import SynthConfig, build
 
     cfg = SynthConfig(out=args.out, sentences=args.sentences, test_per_task=args.test_per_task, valid=args.valid,
-                      voices=args.voices, seed=args.seed, jobs=args.jobs, real=not args.no_real)
+                      voices=args.voices, seed=args.seed, jobs=args.jobs, real=not args.no_real,
+                      real_valid=args.real_valid_share)
     prov = build(cfg, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     b = prov["build"]
     print(f"osum synth: {b['utterances_planned']} utterances planned, {b['synthesised_now']} synthesised now "

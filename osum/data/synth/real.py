@@ -20,6 +20,9 @@ ASTERISK_SOUNDS = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 ASTERISK_TEXT = Path("/usr/share/doc/asterisk-core-sounds-en/core-sounds-en.txt.gz")
 POCKETSPHINX_DATA = Path("/usr/share/pocketsphinx/test/data")
 TEST_SHARE = 0.2
+# A real validation split, carved from what would otherwise train: decoding settings such as the joint CTC
+# weight are chosen on it (`osum export --fit-ctc-weight`), since real speech favours other ones than synthetic.
+VALID_SHARE = 0.1
 # The clips in examples/ (the demo) are always test utterances, so the demo never shows trained-on audio.
 FORCED_TEST = ("asterisk/tt-weasels", "librivox/sense_and_sensibility_01_austen_64kb-0870")
 MAX_SECONDS = 30.0  # one encoder window
@@ -48,11 +51,15 @@ def number_words(n: int) -> str:
     raise ValueError(f"number_words covers 0..99, got {n}")
 
 
-def split_of(utt_id: str) -> str:
+def split_of(utt_id: str, valid_share: float = VALID_SHARE) -> str:
+    """test, valid or train by a hash of the id: the test split never depends on valid_share (0 gives the
+    corpora built before the valid split existed)."""
     if utt_id in FORCED_TEST:
         return "test"
     h = int.from_bytes(hashlib.sha256(utt_id.encode()).digest()[:8], "big") / 2 ** 64
-    return "test" if h < TEST_SHARE else "train"
+    if h < TEST_SHARE:
+        return "test"
+    return "valid" if h < TEST_SHARE + valid_share else "train"
 
 
 def normalize_asterisk(text: str) -> tuple[str | None, str]:
@@ -69,7 +76,7 @@ def normalize_asterisk(text: str) -> tuple[str | None, str]:
     return (text, "") if re.search(r"[A-Za-z]", text) else (None, "no speech (a tone or silence)")
 
 
-def real_utterances() -> tuple[list[RealUtterance], Counter]:
+def real_utterances(valid_share: float = VALID_SHARE) -> tuple[list[RealUtterance], Counter]:
     """Every usable utterance of the installed packages, with its split; skipped ones counted by reason."""
     utts: list[RealUtterance] = []
     skipped: Counter = Counter()
@@ -89,7 +96,7 @@ def real_utterances() -> tuple[list[RealUtterance], Counter]:
                     continue
                 uid = f"asterisk/{name.strip()}"
                 utts.append(RealUtterance(uid, str(path), text, "female", "asterisk-core-sounds-en",
-                                          "CC-BY-SA-3.0 (Allison Smith)", split_of(uid)))
+                                          "CC-BY-SA-3.0 (Allison Smith)", split_of(uid, valid_share)))
     lib = POCKETSPHINX_DATA / "librivox"
     for folder, corpus, pattern in ((lib, "librivox", r"<s>(.*)</s>\s*\((\S+)\)"),
                                     (POCKETSPHINX_DATA / "cards", "cards", r"<s>(.*)</s>\s*\((\S+)\)")):
@@ -108,5 +115,5 @@ def real_utterances() -> tuple[list[RealUtterance], Counter]:
             uid = f"{corpus}/{stem}"
             utts.append(RealUtterance(uid, str(path), text, "male", f"pocketsphinx-testdata/{corpus}",
                                       "BSD-2-Clause (pocketsphinx-testdata); LibriVox recordings public domain",
-                                      split_of(uid)))
+                                      split_of(uid, valid_share)))
     return utts, skipped
