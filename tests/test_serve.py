@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import http.client
 import io
 import json
@@ -29,11 +30,13 @@ import uvicorn
 
 from osum import tasks
 from osum.config import GenerationConfig, ServeConfig
+from osum.model.speech_llm import SpeechLLM
 from osum.serve import formats
 from osum.serve.app import create_app
 from osum.serve.batcher import Batcher, Job
 from osum.serve.inputs import resolve_task
 from osum.serve.metrics import server_metrics
+from tests.conftest import tiny_config
 from tests.test_engine import EXAMPLE, long_file
 
 EXAMPLE_SECONDS = 7.1
@@ -261,6 +264,26 @@ def test_chat_with_audio_and_streaming(server):
     assert len(final) == 1 and final[0].choices[0].finish_reason == "length"
     assert final[0].osum == whole.osum
     assert chunks[-1].usage.completion_tokens == 8 and not chunks[-1].choices
+
+
+def test_joint_ctc_decoding_streams_what_it_answers_whole():
+    """A model whose config decodes transcripts with its CTC head: the streamed transcript equals the whole one,
+    and it differs from the LLM alone's (the processor is in the server's generate call)."""
+    from tests.test_model import diversify
+
+    model = diversify(SpeechLLM(tiny_config("generation.ctc_weight=0.5"))).eval()
+    messages = user(text_part("Transcribe this audio."), audio_part(EXAMPLE))
+    with live_server(model, max_new_tokens=8) as url:
+        api = client(url)
+        whole = api.chat.completions.create(model="tiny", messages=messages)
+        chunks = list(api.chat.completions.create(model="tiny", messages=messages, stream=True))
+    content = whole.choices[0].message.content
+    assert whole.osum["task"] == "asr" and content
+    assert "".join(c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content) == content
+    model.config.generation = dataclasses.replace(model.config.generation, ctc_weight=0.0)
+    with live_server(model, max_new_tokens=8) as url:
+        alone = client(url).chat.completions.create(model="tiny", messages=messages)
+    assert alone.choices[0].message.content != content
 
 
 def test_long_audio_is_chunked_not_truncated(server, tmp_path):
