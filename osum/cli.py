@@ -51,6 +51,10 @@ def _relative_to(list_file: Path, entry: str) -> Path:
     return p if p.is_absolute() else list_file.parent / p
 
 
+CTC_WEIGHT_HELP = ("weight 0..1 of the CTC head in decoding the transcript that opens asr, asr+tags and sttc "
+                   "outputs (generation.ctc_weight; default: the model's; 0: the LLM alone)")
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     import osum
     from osum import tasks
@@ -131,8 +135,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"give {', '.join(missing)} (or --suite FILE)")
     options = EvalOptions(
         metric=args.metric, normalizer=args.normalizer, batch_size=args.batch_size, decoding=args.decoding,
-        max_new_tokens=args.max_new_tokens, ctc_weight=args.ctc_weight, device=args.device, limit=args.limit, plots=not args.no_plots,
-        judge_url=args.judge_url, judge_model=args.judge_model, judge_key_env=args.judge_key_env,
+        max_new_tokens=args.max_new_tokens, ctc_weight=args.ctc_weight, device=args.device, limit=args.limit,
+        plots=not args.no_plots, judge_url=args.judge_url, judge_model=args.judge_model, judge_key_env=args.judge_key_env,
     )
     summary = evaluate(args.model, args.data, args.task, args.out, options)
     print(report.console_summary(summary))
@@ -353,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoding", default="greedy", choices=["greedy", "beam", "osum"], help="decoding preset")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--ctc-weight", type=float, default=None,
-                   help="joint CTC/LLM decoding of asr transcripts, 0..1 (generation.ctc_weight; default: the model's)")
+                   help=CTC_WEIGHT_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", "-o", default=None, help="JSONL file (default: stdout)")
     p.set_defaults(func=cmd_infer)
@@ -426,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decoding", default="greedy", choices=["greedy", "beam", "osum"], help="decoding preset")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--ctc-weight", type=float, default=None,
-                   help="joint CTC/LLM decoding of asr transcripts, 0..1 (generation.ctc_weight; default: the model's)")
+                   help=CTC_WEIGHT_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--limit", type=int, default=None, help="score only the first N utterances")
     p.add_argument("--no-plots", action="store_true", help="skip the confusion-matrix PNGs (no matplotlib needed)")

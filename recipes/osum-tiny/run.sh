@@ -10,7 +10,7 @@
 #           weight fitted) · 7 evaluate the exported model (held-out voices and real recordings)
 # On a GPU machine the same stages run there (training picks CUDA by itself); NPROC>1 uses torchrun DDP.
 # Environment: DATA, EXP, OUT (exported model), PRESET, SENTENCES, JOBS, REAL_VALID (share of the real recordings
-# held out for choosing decoding settings, default 0.1; 0 for the corpus of the current release), STEPS0..3,
+# held out for choosing decoding settings, default osum synth's; 0 for the corpus of the current release), STEPS0..3,
 # NPROC, FINAL (the training stage whose `final` stage 6 exports, default 3; 2 to release before stage 3); extra arguments
 # are dotted overrides for the three training stages (e.g. `precision=bf16 data.num_workers=2`).
 set -euo pipefail
@@ -47,7 +47,7 @@ train() {  # stage number (0 = CTC warm-up, 1..3), steps
 
 if run_stage 0; then bash "$here/install_voices.sh"; fi
 if run_stage 1; then
-  "$OSUM" synth --out "$DATA" --sentences "$SENTENCES" --jobs "$JOBS" --real-valid-share "${REAL_VALID:-0.1}"
+  "$OSUM" synth --out "$DATA" --sentences "$SENTENCES" --jobs "$JOBS" ${REAL_VALID:+--real-valid-share "$REAL_VALID"}
 fi
 if run_stage 2; then "$OSUM" data stats "$DATA/train" --png "$DATA/train_durations.png"; fi
 shift_args=("$@")

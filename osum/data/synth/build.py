@@ -37,8 +37,8 @@ from osum.data.shards import MANIFEST, write_shards
 from osum.data.stats import PipelineStats
 from osum.data.synth import effects, text as textgen
 from osum.data.synth.align import Aligner, timing_error
-from osum.data.synth.real import MAX_SECONDS, RealUtterance, real_utterances
-from osum.data.synth.real import TEST_SHARE as REAL_TEST_SHARE, VALID_SHARE as REAL_VALID_SHARE
+from osum.data.synth.real import MAX_SECONDS, TEST_SHARE as REAL_TEST_SHARE, VALID_SHARE as REAL_VALID_SHARE
+from osum.data.synth.real import RealUtterance, real_utterances
 from osum.data.synth.voices import (SAMPLE_RATE, VOICES, Speech, Voice, missing, read_wav, synthesize,
                                     timing_source)
 

@@ -6,6 +6,8 @@ import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from osum.data.synth.real import VALID_SHARE
+
     p = sub.add_parser("synth", help="build the synthetic multi-task English corpus from offline TTS voices")
     p.add_argument("--out", help="output folder (shards, eval lists, provenance)")
     p.add_argument("--sentences", type=int, default=12000, help="synthetic training utterances (default: 12000)")
@@ -17,9 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="plan seed: same seed, same corpus (default: 0)")
     p.add_argument("--jobs", type=int, default=1, help="parallel synthesis processes (default: 1)")
     p.add_argument("--no-real", action="store_true", help="leave out the real Debian recordings")
-    p.add_argument("--real-valid-share", type=float, default=0.1,
-                   help="share of the real recordings held out as valid_real.jsonl, never trained on (default: "
-                        "0.1; 0 gives corpora built before it, whose train_real held them)")
+    p.add_argument("--real-valid-share", type=float, default=VALID_SHARE,
+                   help=f"share of the real recordings held out as valid_real.jsonl, never trained on (default: "
+                        f"{VALID_SHARE}; 0 gives corpora built before it, whose train_real held them)")
     p.add_argument("--list-voices", action="store_true", help="list the voices and whether each works here")
     p.set_defaults(func=cmd_synth)
 
