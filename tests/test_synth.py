@@ -15,7 +15,7 @@ from osum.cli import main
 from osum.data.mixture import load_mixture
 from osum.data.shards import read_samples, resolve_sources
 from osum.data.stats import PipelineStats
-from osum.data.synth import align, effects, real, text as textgen, voices
+from osum.data.synth import align, effects, opentext, real, text as textgen, voices
 from osum.data.synth.build import FAMILIES, SynthConfig, build, select_voices
 from osum.evaluate.run import read_eval_set
 
@@ -383,3 +383,51 @@ def test_real_engine_speaks_at_the_asked_rate(voice_id, tmp_path):
         if aligner is not None:  # the two timing methods agree to a few tens of milliseconds
             err = align.timing_error(normal.words, aligner.align(normal.wav, text))
             assert err["mean_error"] < 0.04
+
+
+def _wordnet(tmp_path):
+    """A WordNet-shaped data file: a license header line, then synsets whose glosses quote usage examples."""
+    root = tmp_path / "wordnet"
+    root.mkdir()
+    lines = ["  1 This software and database is being provided to you \"as is\" by Princeton"]
+    for i in range(60):
+        lines.append(f"{i:08d} 00 n 01 word{i} 0 000 | a gloss; \"the keeper number {'one two three four five'.split()[i % 5]}"
+                     f" opened gate {i // 5 * 'x' or 'zero'} at dawn\"; \"too short\"; \"it has 3 digits in it, sadly\"")
+    lines.append("00000999 00 v 01 dup 0 000 | again; \"The keeper number one opened gate zero at dawn.\"")
+    (root / "data.noun").write_text("\n".join(lines) + "\n", encoding="latin-1")
+    return root
+
+
+def test_wordnet_examples_keep_distinct_clean_sentences_with_provenance(tmp_path):
+    sentences = opentext.wordnet_examples(_wordnet(tmp_path))
+    # 60 distinct usable examples; the header, the short ones, the ones with digits and the repeat are left out
+    assert len(sentences) == 60 and len({textgen.normalized(s.text) for s in sentences}) == 60
+    assert sentences[0].text == "The keeper number one opened gate zero at dawn."
+    assert all(s.category == "open" and s.source.startswith("wordnet-3.0/data.noun:") for s in sentences)
+    assert sentences[1].source == "wordnet-3.0/data.noun:00000001#0"
+    with pytest.raises(FileNotFoundError, match="wordnet-base"):
+        opentext.wordnet_examples(tmp_path / "nowhere")
+
+
+@needs_sox
+def test_open_sentences_add_their_family_and_leave_the_rest_of_the_corpus_alone(tmp_path):
+    events, root = _events(tmp_path), _wordnet(tmp_path)
+    base = _build(tmp_path / "a", events, [], sentences=16, real=False)
+    prov = _build(tmp_path / "b", events, [], sentences=16, real=False, open_sentences=8, wordnet_root=str(root))
+    assert prov["failures"] == [] and prov["text"]["shared_between_train_and_test"] == 0
+    for meta in sorted((tmp_path / "a" / "audio").glob("*/*.json")):  # every other utterance as without them
+        twin = tmp_path / "b" / meta.relative_to(tmp_path / "a")
+        assert json.loads(meta.read_text()) == json.loads(twin.read_text())
+    train = list(read_samples(resolve_sources(tmp_path / "b" / "train"), PipelineStats()))
+    opened = [s for s in train if s.extra["family"] == "open"]
+    assert len(train) == 16 + 8 and len(opened) == 8 and {s.task for s in opened} == {"asr"}
+    assert all(s.extra["text_source"].startswith("wordnet-3.0/") for s in opened)
+    test_rows = read_eval_set(tmp_path / "b" / "test_synth_open.jsonl")
+    assert len(test_rows) == 3 and all(r["speaker"].endswith("-test") and r["task"] == "asr" for r in test_rows)
+    assert not {textgen.normalized(r["text"]) for r in test_rows} & {textgen.normalized(s.text) for s in train}
+    assert len((tmp_path / "b" / "train_synth_open.jsonl").read_text().splitlines()) == 8
+    assert prov["config"]["open_sentences"] == 8 and "wordnet-3.0" in prov["text"]["open_source"]
+    assert prov["splits"]["test"]["tasks"]["asr"] == base["splits"]["test"]["tasks"]["asr"] + 3
+    assert prov["splits"]["valid"]["utterances"] == base["splits"]["valid"]["utterances"] + 2  # 4 x 8 / 16
+    with pytest.raises(ValueError, match="WordNet gives"):
+        _build(tmp_path / "c", events, [], sentences=16, real=False, open_sentences=500, wordnet_root=str(root))

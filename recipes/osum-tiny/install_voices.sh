@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Stage 0 of the osum-tiny recipe: the offline TTS voices, event clips and real recordings `osum synth` uses.
+# Stage 0 of the osum-tiny recipe: the offline TTS voices, event clips, real recordings and WordNet text `osum synth`
+# uses.
 # Idempotent: installs only what is missing. Needs root for apt (Debian bookworm or later).
 #   recipes/osum-tiny/install_voices.sh            # apt voices + data, and piper in its own venv
 #   OSUM_NO_PIPER=1 recipes/osum-tiny/install_voices.sh
@@ -26,6 +27,7 @@ PACKAGES=(
   sox                                                              # pitch/tempo/gain effects
   hedgewars-data                                                   # vocal events (GFDL)
   asterisk-core-sounds-en-wav asterisk-core-sounds-en pocketsphinx-testdata  # real recordings
+  wordnet-base                                                     # open-domain sentences (osum synth --open-sentences)
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -9,10 +9,11 @@
 #           6 export (bf16, LoRA kept apart, CTC word-time offsets, the event head and the joint CTC decoding
 #           weight fitted) · 7 evaluate the exported model (held-out voices and real recordings)
 # On a GPU machine the same stages run there (training picks CUDA by itself); NPROC>1 uses torchrun DDP.
-# Environment: DATA, EXP, OUT (exported model), PRESET, SENTENCES, JOBS, REAL_VALID (share of the real recordings
-# held out for choosing decoding settings, default osum synth's; 0 for the corpus of the current release), STEPS0..3,
-# NPROC, FINAL (the training stage whose `final` stage 6 exports, default 3; 2 to release before stage 3); extra arguments
-# are dotted overrides for the three training stages (e.g. `precision=bf16 data.num_workers=2`).
+# Environment: DATA, EXP, OUT (exported model), PRESET, SENTENCES, OPEN (open-domain WordNet utterances, default
+# 6000; 0 for none), JOBS, REAL_VALID (share of the real recordings held out for choosing decoding settings, default
+# osum synth's; 0 for the corpus of the current release), STEPS0..3, NPROC, FINAL (the training stage whose `final`
+# stage 6 exports, default 3; 2 to release before stage 3); extra arguments are dotted overrides for the three
+# training stages (e.g. `precision=bf16 data.num_workers=2`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 here=recipes/osum-tiny
@@ -21,6 +22,7 @@ EXP=${EXP:-exp/osum-tiny}
 OUT=${OUT:-$EXP/model}
 PRESET=${PRESET:-osum-tiny}
 SENTENCES=${SENTENCES:-12000}
+OPEN=${OPEN:-6000}
 JOBS=${JOBS:-2}
 NPROC=${NPROC:-1}
 STAGES=${STAGES:-"0 1 2 3 4 5 6 7"}
@@ -47,7 +49,8 @@ train() {  # stage number (0 = CTC warm-up, 1..3), steps
 
 if run_stage 0; then bash "$here/install_voices.sh"; fi
 if run_stage 1; then
-  "$OSUM" synth --out "$DATA" --sentences "$SENTENCES" --jobs "$JOBS" ${REAL_VALID:+--real-valid-share "$REAL_VALID"}
+  "$OSUM" synth --out "$DATA" --sentences "$SENTENCES" --open-sentences "$OPEN" --jobs "$JOBS" \
+    ${REAL_VALID:+--real-valid-share "$REAL_VALID"}
 fi
 if run_stage 2; then "$OSUM" data stats "$DATA/train" --png "$DATA/train_durations.png"; fi
 shift_args=("$@")
@@ -94,7 +97,7 @@ if run_stage 7; then
     echo "out: $(absolute "$EXP")/eval"
     echo "defaults: {normalizer: auto, batch_size: 16, decoding: greedy}"
     echo "runs:"
-    for pair in asr:asr srwt:srwt ser:asr+ser ssr:asr+ssr sap:asr+sap sgc:asr+sgc ved:asr+ved sttc:sttc; do
+    for pair in asr:asr srwt:srwt ser:asr+ser ssr:asr+ssr sap:asr+sap sgc:asr+sgc ved:asr+ved sttc:sttc open:asr; do
       family=${pair%%:*} task=${pair#*:}
       if [ -f "$DATA/test_synth_$family.jsonl" ]; then
         echo "  - {name: synth-$family, data: $(absolute "$DATA")/test_synth_$family.jsonl, task: $task}"

@@ -35,7 +35,7 @@ from osum import tasks
 from osum.data.schema import Sample
 from osum.data.shards import MANIFEST, write_shards
 from osum.data.stats import PipelineStats
-from osum.data.synth import effects, text as textgen
+from osum.data.synth import effects, opentext, text as textgen
 from osum.data.synth.align import Aligner, timing_error
 from osum.data.synth.real import MAX_SECONDS, TEST_SHARE as REAL_TEST_SHARE, VALID_SHARE as REAL_VALID_SHARE
 from osum.data.synth.real import RealUtterance, real_utterances
@@ -68,6 +68,10 @@ class SynthConfig:
     jobs: int = 1
     real: bool = True  # include the real recordings
     real_valid: float = REAL_VALID_SHARE  # share of the real recordings held out as valid_real.jsonl (0: none)
+    # Training utterances of open-domain text (WordNet's examples, family "open", task asr), planned after and
+    # apart from the rest (0 leaves every other utterance exactly as before); valid and test get their shares.
+    open_sentences: int = 0
+    wordnet_root: str = opentext.WORDNET_DIR
     events_root: str = effects.HEDGEWARS_VOICES
     per_shard: int = 1000
 
@@ -231,6 +235,44 @@ def make_plan(cfg: SynthConfig, voices: dict[str, Voice], pool: dict[str, list[t
         for cat, n in source.reused.items():
             decisions[f"{split}: sentences of {cat} reused (pool exhausted {n}x)"] += 1
     return jobs, decisions
+
+
+def plan_open(cfg: SynthConfig, voices: dict[str, Voice], sentences: list[textgen.Sentence]) -> list[dict]:
+    """The open-domain ASR utterances: cfg.open_sentences for training, valid in proportion to the grammar
+    corpus's valid share, cfg.test_per_task for the test list. Their own random stream, so adding them (or more
+    of them) leaves the rest of the plan unchanged; their sentences split by the same hash as the grammars'."""
+    rng = random.Random(f"osum-synth-open-{cfg.seed}")
+    by_split = {s: [x for x in sentences if textgen.sentence_split(x) == s] for s in ("train", "test")}
+    for s in by_split.values():
+        rng.shuffle(s)
+    valid = round(cfg.valid * cfg.open_sentences / cfg.sentences) if cfg.sentences else 0
+    sizes = {"train": cfg.open_sentences, "valid": valid, "test": cfg.test_per_task}
+    if sizes["train"] + sizes["valid"] > len(by_split["train"]) or sizes["test"] > len(by_split["test"]):
+        raise ValueError(f"{sizes['train']} + {sizes['valid']} train/valid and {sizes['test']} test open-domain "
+                         f"utterances asked for, but WordNet gives {len(by_split['train'])} / "
+                         f"{len(by_split['test'])} distinct sentences to those splits (no sentence is spoken twice)")
+    jobs, used = [], {"train": 0, "test": 0}
+    for split, n in sizes.items():
+        voice_split = "test" if split == "test" else "train"
+        by_gender = {g: sorted(k for k, v in voices.items() if v.split == voice_split and v.gender == g)
+                     for g in tasks.LABELS["gender"]}
+        for i in range(n):
+            sentence = by_split[voice_split][used[voice_split]]
+            used[voice_split] += 1
+            gender = rng.choice([g for g in tasks.LABELS["gender"] if by_gender[g]])
+            voice = voices[rng.choice(by_gender[gender])]
+            age = _age(rng, "open")
+            prosody = effects.draw_prosody(rng, voice.gender, age, None, None)
+            jobs.append({
+                "key": f"{split}-open-{i:06d}", "split": split, "family": "open", "task": "asr",
+                "voice": voice.id, "text": sentence.text, "text_source": sentence.source,
+                "category": sentence.category, "answer": None,
+                "labels": {"gender": voice.gender, "age": age, "language": "en"},
+                "prosody": prosody.to_dict(), "event": None,
+                "level_db": round(effects.TARGET_DBFS + rng.uniform(-2.0, 2.0), 2),
+                "noise_db": round(rng.uniform(-68.0, -50.0), 2), "seed": rng.getrandbits(32),
+            })
+    return jobs
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -509,6 +551,8 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
                        int(1.3 * len(FAMILIES) * cfg.test_per_task / categories / textgen.TEST_SHARE))
     pool = textgen.sentence_pool(per_category, cfg.seed)
     jobs, decisions = make_plan(cfg, voices, pool, clips, aligner)
+    open_pool = opentext.wordnet_examples(cfg.wordnet_root) if cfg.open_sentences else []
+    jobs += plan_open(cfg, voices, open_pool) if cfg.open_sentences else []
 
     # Text disjointness is the point of the split: check it on the plan itself.
     seen = defaultdict(set)
@@ -576,12 +620,12 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
         manifests["valid"] = _write_split_shards(by_split["valid"], out, "valid", cfg.per_shard)
     if real_records["train"]:
         manifests["train_real"] = _write_split_shards(real_records["train"], out, "train_real", cfg.per_shard)
-    for family in FAMILIES:  # the same training utterances by family, for mixtures that weight families
+    for family in (*FAMILIES, "open"):  # the same training utterances by family, for mixtures that weight families
         rows = [r["sample"] for r in by_split["train"] if r["job"]["family"] == family]
         if rows:
             _write_jsonl(out / f"train_synth_{family}.jsonl", rows)
     test_files = {}
-    for family in FAMILIES:
+    for family in (*FAMILIES, "open"):
         rows = [eval_row(r["sample"]) for r in by_split["test"] if r["job"]["family"] == family]
         if family == "srwt":
             rows = [r for r in rows if r.get("words") and r["task"] == "srwt"]
@@ -600,23 +644,27 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
 
     used = {split: {textgen.normalized(r["sample"]["text"]) for r in recs} for split, recs in by_split.items()}
     sentences = []
-    for cat, items in pool.items():
+    for cat, items in {**pool, **({"open": open_pool} if open_pool else {})}.items():
         for s in items:
             sentences.append({"text": s.text, "category": s.category, "source": s.source,
                               "split": textgen.sentence_split(s), **({"answer": s.answer} if s.answer else {})})
     _write_jsonl(out / "sentences.jsonl", sentences)
-    pool_counts = {cat: dict(Counter(textgen.sentence_split(s) for s in items)) for cat, items in pool.items()}
+    pool_counts = {cat: dict(Counter(textgen.sentence_split(s) for s in items))
+                   for cat, items in {**pool, **({"open": open_pool} if open_pool else {})}.items()}
     total = time.perf_counter() - start
     provenance = {
         "format": FORMAT,
         "config": {"sentences": cfg.sentences, "test_per_task": cfg.test_per_task, "valid": cfg.valid,
                    "voices": cfg.voices, "seed": cfg.seed, "jobs": cfg.jobs, "real": cfg.real,
-                   "real_valid": cfg.real_valid},
+                   "real_valid": cfg.real_valid, "open_sentences": cfg.open_sentences},
         "voices": {vid: {"engine": v.engine, "name": v.name, "gender": v.gender, "split": v.split, "note": v.note}
                    for vid, v in sorted(voices.items())},
         "voices_unusable": unusable,
         "text": {
             "source": f"{textgen.SOURCE}: grammars in osum/data/synth/text.py, written for osum (Apache-2.0)",
+            **({"open_source": f"{opentext.SOURCE} usage examples, {len(open_pool)} distinct sentences of "
+                               f"{opentext.MIN_WORDS}-{opentext.MAX_WORDS} words; {opentext.LICENSE}"}
+               if open_pool else {}),
             "split_rule": f"sha256 of the normalised sentence (chat: of the fact asked about) < {textgen.TEST_SHARE}"
                           " -> test",
             "pool": pool_counts,

@@ -22,6 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--real-valid-share", type=float, default=VALID_SHARE,
                    help=f"share of the real recordings held out as valid_real.jsonl, never trained on (default: "
                         f"{VALID_SHARE}; 0 gives corpora built before it, whose train_real held them)")
+    p.add_argument("--open-sentences", type=int, default=0,
+                   help="training utterances of open-domain text (WordNet's usage examples, Debian wordnet-base; "
+                        "family open, task asr), planned apart so the rest of the corpus is unchanged; valid and "
+                        "test_synth_open.jsonl get their shares (default: 0)")
     p.add_argument("--list-voices", action="store_true", help="list the voices and whether each works here")
     p.set_defaults(func=cmd_synth)
 
@@ -40,7 +44,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     cfg = SynthConfig(out=args.out, sentences=args.sentences, test_per_task=args.test_per_task, valid=args.valid,
                       voices=args.voices, seed=args.seed, jobs=args.jobs, real=not args.no_real,
-                      real_valid=args.real_valid_share)
+                      real_valid=args.real_valid_share, open_sentences=args.open_sentences)
     prov = build(cfg, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     b = prov["build"]
     print(f"osum synth: {b['utterances_planned']} utterances planned, {b['synthesised_now']} synthesised now "
