@@ -535,9 +535,9 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
     say = progress or (lambda msg: log.info(msg))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.sentences < 0 or cfg.test_per_task < 0 or cfg.valid < 0 or cfg.jobs < 1:
-        raise ValueError(f"sentences, test_per_task, valid must be >= 0 and jobs >= 1, got {cfg.sentences}, "
-                         f"{cfg.test_per_task}, {cfg.valid}, {cfg.jobs}")
+    if min(cfg.sentences, cfg.test_per_task, cfg.valid, cfg.open_sentences) < 0 or cfg.jobs < 1:
+        raise ValueError(f"sentences, test_per_task, valid, open_sentences must be >= 0 and jobs >= 1, got "
+                         f"{cfg.sentences}, {cfg.test_per_task}, {cfg.valid}, {cfg.open_sentences}, {cfg.jobs}")
     if not 0 <= cfg.real_valid <= 1 - REAL_TEST_SHARE:
         raise ValueError(f"real_valid must be in [0, {1 - REAL_TEST_SHARE}] (the test split keeps "
                          f"{REAL_TEST_SHARE}), got {cfg.real_valid}")
@@ -551,8 +551,10 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
                        int(1.3 * len(FAMILIES) * cfg.test_per_task / categories / textgen.TEST_SHARE))
     pool = textgen.sentence_pool(per_category, cfg.seed)
     jobs, decisions = make_plan(cfg, voices, pool, clips, aligner)
-    open_pool = opentext.wordnet_examples(cfg.wordnet_root) if cfg.open_sentences else []
-    jobs += plan_open(cfg, voices, open_pool) if cfg.open_sentences else []
+    pools = pool
+    if cfg.open_sentences:
+        pools = {**pool, "open": opentext.wordnet_examples(cfg.wordnet_root)}
+        jobs += plan_open(cfg, voices, pools["open"])
 
     # Text disjointness is the point of the split: check it on the plan itself.
     seen = defaultdict(set)
@@ -644,13 +646,12 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
 
     used = {split: {textgen.normalized(r["sample"]["text"]) for r in recs} for split, recs in by_split.items()}
     sentences = []
-    for cat, items in {**pool, **({"open": open_pool} if open_pool else {})}.items():
+    for cat, items in pools.items():
         for s in items:
             sentences.append({"text": s.text, "category": s.category, "source": s.source,
                               "split": textgen.sentence_split(s), **({"answer": s.answer} if s.answer else {})})
     _write_jsonl(out / "sentences.jsonl", sentences)
-    pool_counts = {cat: dict(Counter(textgen.sentence_split(s) for s in items))
-                   for cat, items in {**pool, **({"open": open_pool} if open_pool else {})}.items()}
+    pool_counts = {cat: dict(Counter(textgen.sentence_split(s) for s in items)) for cat, items in pools.items()}
     total = time.perf_counter() - start
     provenance = {
         "format": FORMAT,
@@ -662,9 +663,9 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
         "voices_unusable": unusable,
         "text": {
             "source": f"{textgen.SOURCE}: grammars in osum/data/synth/text.py, written for osum (Apache-2.0)",
-            **({"open_source": f"{opentext.SOURCE} usage examples, {len(open_pool)} distinct sentences of "
+            **({"open_source": f"{opentext.SOURCE} usage examples, {len(pools['open'])} distinct sentences of "
                                f"{opentext.MIN_WORDS}-{opentext.MAX_WORDS} words; {opentext.LICENSE}"}
-               if open_pool else {}),
+               if "open" in pools else {}),
             "split_rule": f"sha256 of the normalised sentence (chat: of the fact asked about) < {textgen.TEST_SHARE}"
                           " -> test",
             "pool": pool_counts,
