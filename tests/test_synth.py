@@ -390,9 +390,11 @@ def _wordnet(tmp_path):
     root = tmp_path / "wordnet"
     root.mkdir()
     lines = ["  1 This software and database is being provided to you \"as is\" by Princeton"]
+    numbers = "one two three four five".split()
     for i in range(60):
-        lines.append(f"{i:08d} 00 n 01 word{i} 0 000 | a gloss; \"the keeper number {'one two three four five'.split()[i % 5]}"
-                     f" opened gate {i // 5 * 'x' or 'zero'} at dawn\"; \"too short\"; \"it has 3 digits in it, sadly\"")
+        example = f"the keeper number {numbers[i % 5]} opened gate {i // 5 * 'x' or 'zero'} at dawn"
+        lines.append(f"{i:08d} 00 n 01 word{i} 0 000 | a gloss; \"{example}\"; \"too short\"; "
+                     "\"it has 3 digits in it, sadly\"")
     lines.append("00000999 00 v 01 dup 0 000 | again; \"The keeper number one opened gate zero at dawn.\"")
     (root / "data.noun").write_text("\n".join(lines) + "\n", encoding="latin-1")
     return root
