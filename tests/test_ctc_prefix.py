@@ -65,6 +65,17 @@ def test_prefix_scores_match_brute_force_for_items_of_different_lengths():
             assert score == pytest.approx(brute_prefix(log_probs[item, :n], tokens[: i + 1]), abs=1e-4)
 
 
+def test_items_not_needed_skip_the_normaliser_and_the_others_score_the_same():
+    torch.manual_seed(1)
+    log_probs = torch.randn(3, 5, 4).log_softmax(-1)
+    lens = torch.tensor([5, 4, 3])
+    full = scorer_of(log_probs, lens)
+    part = CTCPrefixScorer(log_probs, torch.eye(4), lens, BLANK, needed=torch.tensor([True, False, True]))
+    assert part.lse[1].eq(0).all() and not full.lse[1].eq(0).all()
+    for item in (0, 2):
+        assert walk(part, item, [1, 1, 2])[0] == walk(full, item, [1, 1, 2])[0]
+
+
 def test_end_score_is_the_ctc_log_likelihood_and_increments_telescope():
     torch.manual_seed(1)
     frames, table = torch.randn(3, 30, 8), torch.randn(12, 8)  # as the model's: positions against embeddings

@@ -26,10 +26,12 @@ class CTCPrefixScorer:
     (B, T) rather than (B, T, V). lens (B,) are each item's valid positions. A prefix's state is (T, 2): the
     log-probabilities that the first t+1 positions spell the prefix and end in a token (column 0) or in the blank
     (column 1). Beyond an item's length the blank is certain and every token impossible, so the states carry over
-    unchanged and one loop over the longest item serves every item.
+    unchanged and one loop over the longest item serves every item. `needed` (B,) marks the items that will be
+    scored (default all): the normaliser, a vocabulary-sized product per position, is formed for those alone.
     """
 
-    def __init__(self, frames: torch.Tensor, table: torch.Tensor, lens: torch.Tensor, blank: int):
+    def __init__(self, frames: torch.Tensor, table: torch.Tensor, lens: torch.Tensor, blank: int,
+                 needed: torch.Tensor | None = None):
         if frames.dim() != 3 or table.dim() != 2 or frames.shape[-1] != table.shape[-1] or lens.shape != frames.shape[:1]:
             raise ValueError(f"frames must be (B, T, D), table (V, D) and lens (B,), got {tuple(frames.shape)}, "
                              f"{tuple(table.shape)} and {tuple(lens.shape)}")
@@ -37,8 +39,11 @@ class CTCPrefixScorer:
             raise ValueError("every item needs at least one CTC position")
         self.frames, self.table, self.blank = frames.detach().float(), table.detach(), blank
         self.pad = torch.arange(frames.shape[1], device=frames.device)[None, :] >= lens.to(frames.device)[:, None]
-        # Each position's log-normaliser, one item at a time: (T, V) at most is formed at once.
-        self.lse = torch.stack([(f @ self.table.T.float()).logsumexp(-1) for f in self.frames])  # (B, T)
+        # Each position's log-normaliser, one item at a time: (T, V) at most is formed at once. Items not needed
+        # get zeros, which nothing reads.
+        needed = [True] * len(lens) if needed is None else needed.tolist()
+        self.lse = torch.stack([(f @ self.table.T.float()).logsumexp(-1) if n else f.new_zeros(f.shape[0])
+                                for f, n in zip(self.frames, needed)])  # (B, T)
         items = torch.arange(len(lens), device=frames.device)
         blank_lp = self._columns(items, torch.full((len(lens), 1), blank, device=frames.device))[..., 0]
         self.blank_lp = blank_lp.masked_fill(self.pad, 0.0)  # (B, T)

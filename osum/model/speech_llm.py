@@ -509,8 +509,9 @@ class SpeechLLM(nn.Module):
     def _ctc_joint(self, enc: Encoded, transcribing: list[bool], gen: GenerationConfig) -> CTCJointScores:
         # The CTC head's scores (ctc_logits), formed only for the candidates the LLM proposes.
         embed = self.base_llm.get_input_embeddings().weight
-        scorer = CTCPrefixScorer(enc.adaptor_out.to(embed.dtype), embed, enc.adaptor_lens, self.ctc_blank_id)
         weights = torch.tensor([gen.ctc_weight if t else 0.0 for t in transcribing])
+        scorer = CTCPrefixScorer(enc.adaptor_out.to(embed.dtype), embed, enc.adaptor_lens, self.ctc_blank_id,
+                                 needed=weights > 0)
         return CTCJointScores(scorer, weights, self.transcript_enders(gen), gen.ctc_candidates, gen.num_beams)
 
     def transcript_enders(self, gen: GenerationConfig) -> list[int]:
