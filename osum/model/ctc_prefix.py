@@ -42,7 +42,8 @@ class CTCPrefixScorer:
         # Each position's log-normaliser, one item at a time: (T, V) at most is formed at once. Items not needed
         # get zeros, which nothing reads.
         needed = [True] * len(lens) if needed is None else needed.tolist()
-        self.lse = torch.stack([(f @ self.table.T.float()).logsumexp(-1) if n else f.new_zeros(f.shape[0])
+        table_t = self.table.T.float()  # converted once, not per item (a copy when the LLM runs in bf16)
+        self.lse = torch.stack([(f @ table_t).logsumexp(-1) if n else f.new_zeros(f.shape[0])
                                 for f, n in zip(self.frames, needed)])  # (B, T)
         items = torch.arange(len(lens), device=frames.device)
         blank_lp = self._columns(items, torch.full((len(lens), 1), blank, device=frames.device))[..., 0]

@@ -49,6 +49,9 @@ FAMILIES: dict[str, str] = {"asr": "asr", "srwt": "srwt", "ser": "asr+ser", "ssr
                             "sgc": "asr+sgc", "ved": "asr+ved", "sttc": "sttc"}
 TRAIN_MIX: dict[str, float] = {"asr": 0.13, "srwt": 0.08, "ser": 0.20, "ssr": 0.16, "sap": 0.16, "sgc": 0.10,
                                "ved": 0.11, "sttc": 0.06}
+# Every family with its own train_synth_/test_synth_ lists: the mixed families above, and plain ASR on WordNet's
+# sentences (`open`, planned apart by plan_open).
+LIST_FAMILIES: dict[str, str] = {**FAMILIES, "open": "asr"}
 AGE_MIX = (("adult", 0.8), ("child", 0.1), ("old", 0.1))  # outside the sap family (sap: uniform)
 EXTRA_EVENT_SHARE = 0.1  # asr/sgc/sap utterances that also get an event (labelled), so ASR learns to skip them
 PIPER_CHUNK, CHUNK = 24, 8  # utterances per worker task (piper loads its model once per task)
@@ -169,6 +172,20 @@ def _family_counts(total: int, mix: dict[str, float]) -> dict[str, int]:
     return counts
 
 
+def _job(rng: random.Random, key: str, split: str, family: str, voice: Voice, sentence: textgen.Sentence,
+         labels: dict, prosody: effects.Prosody, event: dict | None) -> dict:
+    """One utterance of the plan; draws its level, noise floor and seed from rng, in that order."""
+    return {
+        "key": key, "split": split, "family": family, "task": LIST_FAMILIES[family],
+        "voice": voice.id, "text": sentence.text, "text_source": sentence.source,
+        "category": sentence.category, "answer": sentence.answer,
+        "labels": {k: v for k, v in labels.items() if v is not None},
+        "prosody": prosody.to_dict(), "event": event,
+        "level_db": round(effects.TARGET_DBFS + rng.uniform(-2.0, 2.0), 2),
+        "noise_db": round(rng.uniform(-68.0, -50.0), 2), "seed": rng.getrandbits(32),
+    }
+
+
 def make_plan(cfg: SynthConfig, voices: dict[str, Voice], pool: dict[str, list[textgen.Sentence]],
               clips: dict[str, dict[str, list[str]]], aligner: Aligner | None) -> tuple[list[dict], Counter]:
     """Every synthetic utterance of every split, and the counted planning decisions."""
@@ -222,15 +239,7 @@ def make_plan(cfg: SynthConfig, voices: dict[str, Voice], pool: dict[str, list[t
                 event = effects.draw_event(rng, split_clips).to_dict()
             labels = {"gender": voice.gender, "age": age, "emotion": emotion, "style": style,
                       "event": event["label"] if event else None, "language": "en"}
-            jobs.append({
-                "key": f"{split}-{i:06d}-{family}", "split": split, "family": family, "task": FAMILIES[family],
-                "voice": voice.id, "text": sentence.text, "text_source": sentence.source,
-                "category": sentence.category, "answer": sentence.answer,
-                "labels": {k: v for k, v in labels.items() if v is not None},
-                "prosody": prosody.to_dict(), "event": event,
-                "level_db": round(effects.TARGET_DBFS + rng.uniform(-2.0, 2.0), 2),
-                "noise_db": round(rng.uniform(-68.0, -50.0), 2), "seed": rng.getrandbits(32),
-            })
+            jobs.append(_job(rng, f"{split}-{i:06d}-{family}", split, family, voice, sentence, labels, prosody, event))
     for split, source in sources.items():
         for cat, n in source.reused.items():
             decisions[f"{split}: sentences of {cat} reused (pool exhausted {n}x)"] += 1
@@ -263,15 +272,8 @@ def plan_open(cfg: SynthConfig, voices: dict[str, Voice], sentences: list[textge
             voice = voices[rng.choice(by_gender[gender])]
             age = _age(rng, "open")
             prosody = effects.draw_prosody(rng, voice.gender, age, None, None)
-            jobs.append({
-                "key": f"{split}-open-{i:06d}", "split": split, "family": "open", "task": "asr",
-                "voice": voice.id, "text": sentence.text, "text_source": sentence.source,
-                "category": sentence.category, "answer": None,
-                "labels": {"gender": voice.gender, "age": age, "language": "en"},
-                "prosody": prosody.to_dict(), "event": None,
-                "level_db": round(effects.TARGET_DBFS + rng.uniform(-2.0, 2.0), 2),
-                "noise_db": round(rng.uniform(-68.0, -50.0), 2), "seed": rng.getrandbits(32),
-            })
+            labels = {"gender": voice.gender, "age": age, "language": "en"}
+            jobs.append(_job(rng, f"{split}-open-{i:06d}", split, "open", voice, sentence, labels, prosody, None))
     return jobs
 
 
@@ -622,12 +624,12 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
         manifests["valid"] = _write_split_shards(by_split["valid"], out, "valid", cfg.per_shard)
     if real_records["train"]:
         manifests["train_real"] = _write_split_shards(real_records["train"], out, "train_real", cfg.per_shard)
-    for family in (*FAMILIES, "open"):  # the same training utterances by family, for mixtures that weight families
+    for family in LIST_FAMILIES:  # the same training utterances by family, for mixtures that weight families
         rows = [r["sample"] for r in by_split["train"] if r["job"]["family"] == family]
         if rows:
             _write_jsonl(out / f"train_synth_{family}.jsonl", rows)
     test_files = {}
-    for family in (*FAMILIES, "open"):
+    for family in LIST_FAMILIES:
         rows = [eval_row(r["sample"]) for r in by_split["test"] if r["job"]["family"] == family]
         if family == "srwt":
             rows = [r for r in rows if r.get("words") and r["task"] == "srwt"]
