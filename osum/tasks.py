@@ -132,6 +132,12 @@ class TaskSpec:
         return self.base in ("asr", "sttc")
 
     @property
+    def continues_after_transcript(self) -> bool:
+        """The transcript is followed by more (asr+tags: the tags; sttc: the answer), so the output may not end
+        inside it (SpeechLLM.generate_ids' `continuing`)."""
+        return self.opens_with_transcript and (self.base == "sttc" or bool(self.tags))
+
+    @property
     def fields(self) -> tuple[str, ...]:
         """Result fields of the tags, in target order."""
         return tuple(TASKS[t].field for t in self.tags)

@@ -224,12 +224,13 @@ def test_joint_decoding_batch_equals_single_greedy_and_beam(model):
 def test_engine_flags_only_the_plain_asr_task(model, monkeypatch):
     from osum.infer.engine import Engine
 
-    seen = []
+    seen, going_on = [], []
     generate = model.generate
 
-    def spy(*args, transcribing=None, **kwargs):
+    def spy(*args, transcribing=None, continuing=None, **kwargs):
         seen.append(transcribing)
-        return generate(*args, transcribing=transcribing, **kwargs)
+        going_on.append(continuing)
+        return generate(*args, transcribing=transcribing, continuing=continuing, **kwargs)
 
     monkeypatch.setattr(model, "generate", spy)
     gen = dataclasses.replace(model.config.generation, max_new_tokens=4, ctc_weight=0.3)
@@ -238,7 +239,51 @@ def test_engine_flags_only_the_plain_asr_task(model, monkeypatch):
     for task in ("asr", "asr+ser", "srwt", "sttc", "only:ser"):
         engine.run([wav, wav], task=task)
     assert [flags[0] for flags in seen] == [True, True, False, True, False]
-    assert all(len(flags) == 2 for flags in seen)
+    assert [flags[0] for flags in going_on] == [False, True, False, True, False]  # tags or an answer follow
+    assert all(len(flags) == 2 for flags in seen + going_on)
+
+
+def test_a_stop_inside_the_transcript_becomes_its_likeliest_closer():
+    """Flagged open rows: the best closer takes the best stop's score, stops are ruled out; closed rows and
+    items not flagged are untouched; beams map rows to items."""
+    from osum.model.speech_llm import NoStopInTranscript
+
+    stops, closers = [0, 1], [5, 6]
+    rule = NoStopInTranscript(torch.tensor([True, False]), stops, closers, num_beams=2)
+    ids = torch.tensor([[3, 4], [3, 5], [3, 4], [2, 2]])  # item 0: open, closed; item 1: two open beams
+    scores = torch.tensor([[4.0, 2.0, 0.0, 1.0, 0.0, -1.0, 0.5, 0.0]]).repeat(4, 1)
+    out = rule(ids, scores)
+    assert torch.isinf(out[0, stops]).all() and out[0, 6] == 4.0 and out[0, 5] == -1.0
+    assert torch.equal(out[0, 2:6], scores[0, 2:6]) and out[0].argmax() == 6  # the stop's place, taken by a closer
+    assert torch.equal(out[1:], scores[1:])  # closed, or an item not flagged
+    low = torch.tensor([[-3.0, -2.0, 0.0, 1.0, 0.0, 2.0, 0.5, 0.0]])
+    assert rule(ids[:1], low)[0, 5] == 2.0  # a closer likelier than the stops keeps its own score
+    with pytest.raises(ValueError, match="no token closes a transcript"):
+        NoStopInTranscript(torch.tensor([True]), stops, [], 1)
+
+
+def test_continuing_items_do_not_stop_inside_the_transcript(model):
+    """An LLM that would stop at once: with the rule a flagged item closes its (empty) transcript instead and goes
+    on; batch == single; the unflagged item is decoded as without the rule."""
+    feats, lens = random_features([200, 90], seed=3)
+    prompts = ["Transcribe.", "Transcribe."]
+    gen = dataclasses.replace(model.config.generation, max_new_tokens=6, compression_ratio_threshold=None)
+    stops = set(model.stop_ids(gen))
+    closers = set(model.transcript_enders(gen)) - stops
+    # An LLM that prefers to stop at once: the rule must override it for the flagged item only.
+    bias = torch.zeros(model.base_llm.get_output_embeddings().weight.shape[0])
+    bias[sorted(stops)] = 50.0
+    head = model.base_llm.get_output_embeddings()
+    head.bias = torch.nn.Parameter(bias)
+    try:
+        plain = model.generate_ids(feats, lens, prompts, gen)
+        ruled = model.generate_ids(feats, lens, prompts, gen, continuing=[True, False])
+        single = model.generate_ids(feats[:1, :200], lens[:1], prompts[:1], gen, continuing=[True])
+    finally:
+        head.bias = None
+    assert plain == [[], []]
+    assert ruled[1] == [] and single == ruled[:1]
+    assert ruled[0] and ruled[0][0] in closers  # where it would have stopped, the transcript is closed instead
 
 
 def test_fit_ctc_weight_pools_the_lists_and_takes_the_smaller_weight_on_ties(monkeypatch, model):

@@ -466,6 +466,7 @@ class SpeechLLM(nn.Module):
         stopping_criteria: StoppingCriteriaList | None = None,
         encoded: Encoded | None = None,
         transcribing: list[bool] | None = None,
+        continuing: list[bool] | None = None,
     ) -> list[list[int]]:
         """Batched generation with KV cache; returns each item's new token ids, stop token excluded.
 
@@ -473,7 +474,8 @@ class SpeechLLM(nn.Module):
         `stopping_criteria` may end rows early (a server cancels a disconnected client's row this way).
         `encoded`: this batch's `encode` already done. `transcribing`: the items whose output opens with a
         transcript (TaskSpec.opens_with_transcript), which generation.ctc_weight decodes jointly with the CTC
-        head up to the transcript's end (None = none).
+        head up to the transcript's end (None = none). `continuing`: the items whose transcript must be followed
+        by more (TaskSpec.continues_after_transcript), which may not stop before it is closed (None = none).
         """
         gen = generation or self.config.generation
         if gen.seed is not None:
@@ -482,6 +484,12 @@ class SpeechLLM(nn.Module):
         adaptor_out, adaptor_lens = self.embed_audio(features, feature_lens, enc)
         batch = self.assemble(adaptor_out, adaptor_lens, self._as_prompt_ids(prompts))
         processors = [RepetitionPenalty(gen.repetition_penalty)] if gen.repetition_penalty != 1.0 else []
+        if continuing is not None and any(continuing):
+            if len(continuing) != len(prompts):
+                raise ValueError(f"continuing has {len(continuing)} flags for {len(prompts)} items")
+            stops = self.stop_ids(gen)
+            closers = [t for t in self.transcript_enders(gen) if t not in stops]
+            processors.append(NoStopInTranscript(torch.tensor(continuing), stops, closers, gen.num_beams))
         if gen.ctc_weight > 0 and transcribing is not None and any(transcribing):
             if len(transcribing) != len(prompts):
                 raise ValueError(f"transcribing has {len(transcribing)} flags for {len(prompts)} items")
@@ -532,9 +540,10 @@ class SpeechLLM(nn.Module):
         generation: GenerationConfig | None = None,
         encoded: Encoded | None = None,
         transcribing: list[bool] | None = None,
+        continuing: list[bool] | None = None,
     ) -> list[str]:
         ids = self.generate_ids(features, feature_lens, prompts, generation, encoded=encoded,
-                                transcribing=transcribing)
+                                transcribing=transcribing, continuing=continuing)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def understand(self, audio, task: str = "asr", prompt: str | None = None) -> dict:
@@ -567,6 +576,37 @@ class RepetitionPenalty(LogitsProcessor):
         seen = scores.gather(1, input_ids)
         seen = torch.where(seen < 0, seen * self.penalty, seen / self.penalty)
         return scores.scatter(1, input_ids, seen)
+
+
+class NoStopInTranscript(LogitsProcessor):
+    """In the rows of items whose transcript must be followed by more (asr+tags: the tags; sttc: the answer), a stop
+    while the transcript is open (no token of `closers`, those holding tasks.TRANSCRIPT_END, written yet) becomes
+    the likeliest closer instead: its score rises to the best stop token's and the stop tokens are ruled out. A model
+    that partly reads the task from the audio otherwise ends a question or sentence where its asr outputs end, and
+    the answer or tags are lost; ruling the stop out alone makes it go on with words that were not said. Where
+    it stops, the transcript ends, and it goes on to what follows. Rows are items × beams, in item order.
+    """
+
+    def __init__(self, items: torch.Tensor, stops: list[int], closers: list[int], num_beams: int = 1):
+        if not closers:
+            raise ValueError("no token closes a transcript: the tokenizer has no token holding "
+                             f"{tasks.TRANSCRIPT_END!r}")
+        self.items, self.num_beams = items.bool(), num_beams
+        self.stops, self.closers = torch.tensor(stops), torch.tensor(closers)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        device = scores.device
+        stops, closers = self.stops.to(device), self.closers.to(device)
+        rows = torch.arange(input_ids.shape[0], device=device) // self.num_beams
+        open_ = (self.items.to(device)[rows] & ~torch.isin(input_ids, closers).any(1)).nonzero()[:, 0]
+        if not len(open_):
+            return scores
+        scores = scores.clone()
+        best, at = scores[open_][:, closers].max(-1)
+        stop = scores[open_][:, stops].max(-1).values
+        scores[open_, closers[at]] = torch.maximum(best, stop)
+        scores[open_[:, None], stops[None, :]] = -float("inf")
+        return scores
 
 
 def _repeats(tokens: list[int]) -> int:
