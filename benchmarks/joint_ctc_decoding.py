@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--model", default="osum-tiny", help="model directory, released model or preset")
     parser.add_argument("--clips", default="examples/*.wav", help="glob of audio files")
     parser.add_argument("--limit", type=int, default=None, help="the first N clips only")
-    parser.add_argument("--ctc-weight", type=float, default=0.3)
+    parser.add_argument("--ctc-weight", type=float, default=None, help="default: the model's generation.ctc_weight")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2, help="runs of each mode, alternating; the fastest counts")
     parser.add_argument("--threads", type=int, default=None)
@@ -42,6 +42,8 @@ def main() -> None:
     if not clips:
         raise SystemExit(f"no audio matches {args.clips!r}")
     model = osum.load(args.model)
+    if args.ctc_weight is None:
+        args.ctc_weight = model.config.generation.ctc_weight
     base = dataclasses.replace(model.config.generation, num_beams=1, do_sample=False, ctc_weight=0.0)
     llm = Engine(model, max_batch_size=args.batch_size, generation=base)
     joint = Engine(model, max_batch_size=args.batch_size,
