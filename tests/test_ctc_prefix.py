@@ -221,7 +221,7 @@ def test_joint_decoding_batch_equals_single_greedy_and_beam(model):
     assert batched[0] != llm_only[0] or batched[2] != llm_only[2]  # and the flagged ones did change
 
 
-def test_engine_flags_only_the_plain_asr_task(model, monkeypatch):
+def test_engine_flags_transcript_tasks_for_joint_decoding_and_continuation(model, monkeypatch):
     from osum.infer.engine import Engine
 
     seen, going_on = [], []
@@ -260,6 +260,8 @@ def test_a_stop_inside_the_transcript_becomes_its_likeliest_closer():
     assert rule(ids[:1], low)[0, 5] == 2.0  # a closer likelier than the stops keeps its own score
     with pytest.raises(ValueError, match="no token closes a transcript"):
         NoStopInTranscript(torch.tensor([True]), stops, [], 1)
+    with pytest.raises(ValueError, match="no stop tokens"):
+        NoStopInTranscript(torch.tensor([True]), [], closers, 1)
 
 
 def test_continuing_items_do_not_stop_inside_the_transcript(model):
@@ -284,6 +286,7 @@ def test_continuing_items_do_not_stop_inside_the_transcript(model):
     assert plain == [[], []]
     assert ruled[1] == [] and single == ruled[:1]
     assert ruled[0] and ruled[0][0] in closers  # where it would have stopped, the transcript is closed instead
+    assert ruled[0][0] not in model.tokenizer.added_tokens_decoder  # by plain text, not a chat-template marker
 
 
 def test_fit_ctc_weight_pools_the_lists_and_takes_the_smaller_weight_on_ties(monkeypatch, model):

@@ -488,7 +488,10 @@ class SpeechLLM(nn.Module):
             if len(continuing) != len(prompts):
                 raise ValueError(f"continuing has {len(continuing)} flags for {len(prompts)} items")
             stops = self.stop_ids(gen)
-            closers = [t for t in self.transcript_enders(gen) if t not in stops]
+            # Plain-text tokens only: the added ones (chat-template, tool and code markers, `<|im_start|>`) open
+            # no osum tag, and decoding skips the special ones, so the tags would still be lost.
+            added = set(self.tokenizer.added_tokens_decoder)
+            closers = [t for t in self.transcript_enders(gen) if t not in stops and t not in added]
             processors.append(NoStopInTranscript(torch.tensor(continuing), stops, closers, gen.num_beams))
         if gen.ctc_weight > 0 and transcribing is not None and any(transcribing):
             if len(transcribing) != len(prompts):
@@ -591,8 +594,11 @@ class NoStopInTranscript(LogitsProcessor):
         if not closers:
             raise ValueError("no token closes a transcript: the tokenizer has no token holding "
                              f"{tasks.TRANSCRIPT_END!r}")
+        if not stops:
+            raise ValueError("no stop tokens to rule out")
         self.items, self.num_beams = items.bool(), num_beams
-        self.stops, self.closers = torch.tensor(stops), torch.tensor(closers)
+        self.stops = torch.tensor(stops, dtype=torch.long)
+        self.closers = torch.tensor(closers, dtype=torch.long)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         device = scores.device
