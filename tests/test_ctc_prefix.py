@@ -272,7 +272,6 @@ def test_continuing_items_do_not_stop_inside_the_transcript(model):
     gen = dataclasses.replace(model.config.generation, max_new_tokens=6, compression_ratio_threshold=None)
     stops = set(model.stop_ids(gen))
     closers = set(model.transcript_enders(gen)) - stops
-    # An LLM that prefers to stop at once: the rule must override it for the flagged item only.
     bias = torch.zeros(model.base_llm.get_output_embeddings().weight.shape[0])
     bias[sorted(stops)] = 50.0
     head = model.base_llm.get_output_embeddings()

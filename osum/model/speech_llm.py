@@ -126,7 +126,8 @@ class SpeechLLM(nn.Module):
             raise ValueError(f"adaptor.tag_heads {cfg.adaptor.tag_heads} read the voice summary's statistics: "
                              "set adaptor.summary_layers")
         self.prompts = PromptBuilder(self.tokenizer, cfg.prompt.layout, cfg.prompt.system, cfg.prompt.end_token)
-        self._enders: list[int] | None = None  # transcript_enders, found once
+        self._enders: list[int] | None = None  # _end_tokens, found once
+        self._closers: list[int] | None = None  # transcript_closers, found once
         self._tag_ids: dict[str, list[list[int]]] = {}  # each tag field's labels as token ids (tag_vectors)
 
     # ---- pieces -------------------------------------------------------------------------------
@@ -488,10 +489,7 @@ class SpeechLLM(nn.Module):
             if len(continuing) != len(prompts):
                 raise ValueError(f"continuing has {len(continuing)} flags for {len(prompts)} items")
             stops = self.stop_ids(gen)
-            # Plain-text tokens only: the added ones (chat-template, tool and code markers, `<|im_start|>`) open
-            # no osum tag, and decoding skips the special ones, so the tags would still be lost.
-            added = set(self.tokenizer.added_tokens_decoder)
-            closers = [t for t in self.transcript_enders(gen) if t not in stops and t not in added]
+            closers = [t for t in self.transcript_closers() if t not in stops]
             processors.append(NoStopInTranscript(torch.tensor(continuing), stops, closers, gen.num_beams))
         if gen.ctc_weight > 0 and transcribing is not None and any(transcribing):
             if len(transcribing) != len(prompts):
@@ -529,11 +527,24 @@ class SpeechLLM(nn.Module):
         """The tokens that close a transcript: the stop tokens and every token holding tasks.TRANSCRIPT_END (a
         tag or sttc's answer opens there; BPE merges it with the punctuation before it, as in ".<"), the CTC blank
         excepted (a transcript cannot hold it)."""
+        return sorted({*self.stop_ids(gen), *self._end_tokens()})
+
+    def _end_tokens(self) -> list[int]:
+        """Every token holding tasks.TRANSCRIPT_END but the CTC blank, found once."""
         if self._enders is None:
             tokens = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
             self._enders = [i for i, tok in enumerate(tokens)
                             if i != self.ctc_blank_id and tok is not None and tasks.TRANSCRIPT_END in tok]
-        return sorted({*self.stop_ids(gen), *self._enders})
+        return self._enders
+
+    def transcript_closers(self) -> list[int]:
+        """The transcript enders a tag or sttc's answer can open with: those of plain text. The added tokens
+        (chat-template, tool and code markers such as `<|im_start|>`) open no osum tag, and decoding skips the
+        special ones, so a transcript closed by one would lose what follows."""
+        if self._closers is None:
+            added = set(self.tokenizer.added_tokens_decoder)
+            self._closers = [t for t in self._end_tokens() if t not in added]
+        return self._closers
 
     def generate(
         self,
