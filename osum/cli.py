@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from osum import DEFAULT_MODEL
+from osum.config import CTC_WEIGHTS
 
 AUDIO_LIST_SUFFIXES = {".txt", ".lst", ".list"}
 
@@ -205,6 +206,17 @@ def cmd_average(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights(text: str) -> tuple[float, ...]:
+    """--ctc-weights: comma-separated joint decoding weights in [0, 1], each once."""
+    try:
+        weights = tuple(float(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0,0.3,0.5, got {text!r}")
+    if not all(0.0 <= w <= 1.0 for w in weights) or len(set(weights)) != len(weights):
+        raise argparse.ArgumentTypeError(f"each weight must be in [0, 1] and given once, got {text!r}")
+    return weights
+
+
 def _left_out(skipped: dict[str, int]) -> str:
     """' (3 rows left out: why; ...)' for a fit's message, or '' when none was."""
     reasons = "; ".join(f"{count} rows left out: {why}" for why, count in skipped.items())
@@ -259,7 +271,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.fit_ctc_weight:
         from osum.evaluate.run import fit_ctc_weight
 
-        best, tried = fit_ctc_weight(model.eval(), args.fit_ctc_weight)
+        best, tried = fit_ctc_weight(model.eval(), args.fit_ctc_weight, args.ctc_weights)
         for w, rate, scores in tried:
             each = "; ".join(f"{path}: {100 * t['rate']:.2f}% over {t['utterances']}" for path, t in scores.items())
             print(f"ctc_weight {w}: WER {100 * rate:.2f}% pooled ({each})", file=sys.stderr)
@@ -393,9 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "statistics on these labelled utterances, and read that field off it "
                         "(generation.summary_tags); repeatable")
     p.add_argument("--fit-ctc-weight", action="append", default=[], metavar="LIST.jsonl",
-                   help="choose generation.ctc_weight (joint CTC/LLM decoding of transcripts) among 0, 0.1, 0.2, "
-                        "0.3 and 0.5 by the asr error rate on these held-out utterances (valid splits, not test "
-                        "sets), pooled over the lists given (repeatable)")
+                   help="choose generation.ctc_weight (joint CTC/LLM decoding of transcripts) among --ctc-weights "
+                        "by the asr error rate on these held-out utterances (valid splits, not test sets), pooled "
+                        "over the lists given (repeatable)")
+    p.add_argument("--ctc-weights", type=_weights, default=CTC_WEIGHTS, metavar="W,W,...",
+                   help="the weights --fit-ctc-weight tries, each in [0, 1] (default "
+                        f"{','.join(map(str, CTC_WEIGHTS))})")
     p.add_argument("--tag-head-reg", type=float, default=1e-2,
                    help="L2 penalty of the tag heads' fit, on standardised statistics (default 0.01)")
     p.add_argument("--tag-head-groups", metavar="KEY",

@@ -137,6 +137,10 @@ class PromptConfig:
     end_token: str | None = None
 
 
+# The joint decoding weights `osum export --fit-ctc-weight` tries by default (ESPnet's recipes use 0.1-0.5).
+CTC_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5)
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 200

@@ -65,6 +65,8 @@ SPEECH_CHAT_SEPARATOR = "<answer>"  # between the transcript and the reply in st
 # What closes the transcript that opens an output: every tag and the sttc separator begin with it, and no
 # transcript contains it (_check_text), so the first token holding it ends the transcript.
 TRANSCRIPT_END = "<"
+# Every way a tag or sttc's answer opens: what a transcript's closing token may begin (opens_what_follows).
+OPENINGS = (*(f"<{label}>" for labels in LABELS.values() for label in labels), SPEECH_CHAT_SEPARATOR)
 ONLY_PREFIX = "only:"
 AUTO_TASK = "auto"  # a dataset's `task` that means: each sample gets a task drawn from its labels
 # System turn for chat-template layouts (instruct backbones, EChat); the task prompt goes in the user turn.
@@ -92,6 +94,14 @@ def normalize_label(field_name: str, value: str) -> str | None:
     """Canonical label for a loosely written one ("Throat_Clearing" -> "throat clearing"), or None."""
     value = _normalize_tag(value)
     return value if is_valid_label(field_name, value) else None
+
+
+def opens_what_follows(piece: str) -> bool:
+    """True if the text `piece` (one token's) can close a transcript and begin its tags or sttc's answer: it holds
+    TRANSCRIPT_END, what comes before that is transcript text (no '>'), and from there on it begins an OPENING.
+    ".<" and "<" can; "</" and "<=" cannot, they open nothing a parse would read."""
+    head, end, rest = piece.partition(TRANSCRIPT_END)
+    return bool(end) and ">" not in head and any(o.startswith(end + rest) for o in OPENINGS)
 
 
 def _normalize_tag(text: str) -> str:

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from osum.config import GenerationConfig
+from osum import tasks
+from osum.config import CTC_WEIGHTS, GenerationConfig
 from osum.model.ctc_prefix import CTCJointScores, CTCPrefixScorer
 from osum.model.speech_llm import SpeechLLM
 from tests.conftest import tiny_config
@@ -244,12 +245,12 @@ def test_engine_flags_transcript_tasks_for_joint_decoding_and_continuation(model
 
 
 def test_a_stop_inside_the_transcript_becomes_its_likeliest_closer():
-    """Flagged open rows: the best closer takes the best stop's score, stops are ruled out; closed rows and
-    items not flagged are untouched; beams map rows to items."""
+    """Flagged open rows: the best closer takes the best stop's score, stops are ruled out; rows closed by any
+    ender (a closer or not) and items not flagged are untouched; beams map rows to items."""
     from osum.model.speech_llm import NoStopInTranscript
 
-    stops, closers = [0, 1], [5, 6]
-    rule = NoStopInTranscript(torch.tensor([True, False]), stops, closers, num_beams=2)
+    stops, enders, closers = [0, 1], [5, 6, 7], [5, 6]
+    rule = NoStopInTranscript(torch.tensor([True, False]), stops, enders, closers, num_beams=2)
     ids = torch.tensor([[3, 4], [3, 5], [3, 4], [2, 2]])  # item 0: open, closed; item 1: two open beams
     scores = torch.tensor([[4.0, 2.0, 0.0, 1.0, 0.0, -1.0, 0.5, 0.0]]).repeat(4, 1)
     out = rule(ids, scores)
@@ -258,10 +259,15 @@ def test_a_stop_inside_the_transcript_becomes_its_likeliest_closer():
     assert torch.equal(out[1:], scores[1:])  # closed, or an item not flagged
     low = torch.tensor([[-3.0, -2.0, 0.0, 1.0, 0.0, 2.0, 0.5, 0.0]])
     assert rule(ids[:1], low)[0, 5] == 2.0  # a closer likelier than the stops keeps its own score
+    ender = torch.tensor([[3.0, 2.0, 0.0, 1.0, 0.0, -1.0, 0.5, 9.0]])
+    assert rule(ids[:1], ender)[0, 7] == 9.0 and rule(ids[:1], ender)[0, 6] == 3.0  # "</" is no closer
+    assert torch.equal(rule(torch.tensor([[3, 7]]), scores[:1]), scores[:1])  # but it ends the transcript
     with pytest.raises(ValueError, match="no token closes a transcript"):
-        NoStopInTranscript(torch.tensor([True]), stops, [], 1)
+        NoStopInTranscript(torch.tensor([True]), stops, enders, [], 1)
     with pytest.raises(ValueError, match="no stop tokens"):
-        NoStopInTranscript(torch.tensor([True]), [], closers, 1)
+        NoStopInTranscript(torch.tensor([True]), [], enders, closers, 1)
+    with pytest.raises(ValueError, match=r"closers \[8\] are not among the enders"):
+        NoStopInTranscript(torch.tensor([True]), stops, enders, [5, 8], 1)
 
 
 def test_continuing_items_do_not_stop_inside_the_transcript(model):
@@ -271,7 +277,7 @@ def test_continuing_items_do_not_stop_inside_the_transcript(model):
     prompts = ["Transcribe.", "Transcribe."]
     gen = dataclasses.replace(model.config.generation, max_new_tokens=6, compression_ratio_threshold=None)
     stops = set(model.stop_ids(gen))
-    closers = set(model.transcript_enders(gen)) - stops
+    closers = set(model.transcript_closers()) - stops
     bias = torch.zeros(model.base_llm.get_output_embeddings().weight.shape[0])
     bias[sorted(stops)] = 50.0
     head = model.base_llm.get_output_embeddings()
@@ -286,6 +292,7 @@ def test_continuing_items_do_not_stop_inside_the_transcript(model):
     assert ruled[1] == [] and single == ruled[:1]
     assert ruled[0] and ruled[0][0] in closers  # where it would have stopped, the transcript is closed instead
     assert ruled[0][0] not in model.tokenizer.added_tokens_decoder  # by plain text, not a chat-template marker
+    assert tasks.opens_what_follows(model.tokenizer.decode(ruled[0][:1]))  # that opens a tag, not "</"
 
 
 def test_fit_ctc_weight_pools_the_lists_and_takes_the_smaller_weight_on_ties(monkeypatch, model):
@@ -305,9 +312,9 @@ def test_fit_ctc_weight_pools_the_lists_and_takes_the_smaller_weight_on_ties(mon
 
     monkeypatch.setattr(run, "evaluate", scripted)
     best, tried = run.fit_ctc_weight(model, ["synth.jsonl", "real.jsonl"])
-    assert best == 0.2 and [w for w, _, _ in tried] == list(run.CTC_WEIGHTS)
+    assert best == 0.2 and [w for w, _, _ in tried] == list(CTC_WEIGHTS)
     assert [rate for _, rate, _ in tried] == pytest.approx([80 / 1100, 60 / 1100, 30 / 1100, 30 / 1100, 35 / 1100])
-    assert calls == [(d, "asr", w, False) for w in run.CTC_WEIGHTS for d in ("synth.jsonl", "real.jsonl")]
+    assert calls == [(d, "asr", w, False) for w in CTC_WEIGHTS for d in ("synth.jsonl", "real.jsonl")]
     errors["real.jsonl"][0.5] = 0  # now 0.5 pools 25 errors, fewer than any other
     assert run.fit_ctc_weight(model, ["synth.jsonl", "real.jsonl"])[0] == 0.5
     with pytest.raises(ValueError, match="at least one list"):
@@ -316,7 +323,6 @@ def test_fit_ctc_weight_pools_the_lists_and_takes_the_smaller_weight_on_ties(mon
 
 def test_export_chooses_the_ctc_weight_on_a_held_out_list(tmp_path, model, capsys):
     from osum.cli import main
-    from osum.evaluate.run import CTC_WEIGHTS
     from osum.model import checkpoint
     from tests.test_align import CLIPS, TEXTS
 
@@ -324,9 +330,15 @@ def test_export_chooses_the_ctc_weight_on_a_held_out_list(tmp_path, model, capsy
     data.write_text("".join(json.dumps({"key": f"v{i}", "audio": str(Path(c).resolve()), "text": t}) + "\n"
                             for i, (c, t) in enumerate(zip(CLIPS, TEXTS))))
     source = checkpoint.save(model, tmp_path / "ckpt")
-    assert main(["export", str(source), "--keep-lora", "--out", str(tmp_path / "out"), "--fit-ctc-weight", str(data)]) == 0
+    assert main(["export", str(source), "--keep-lora", "--out", str(tmp_path / "out"), "--fit-ctc-weight", str(data),
+                 "--ctc-weights", "0,0.7"]) == 0
     err = capsys.readouterr().err
     rates = {float(m[0]): float(m[1]) for m in re.findall(r"ctc_weight ([0-9.]+): WER ([0-9.]+)% pooled", err)}
-    assert sorted(rates) == list(CTC_WEIGHTS)
+    assert sorted(rates) == [0.0, 0.7]
     chosen = json.loads((tmp_path / "out" / "config.json").read_text())["model"]["generation"]["ctc_weight"]
     assert rates[chosen] == min(rates.values()) and f"generation.ctc_weight {chosen}" in err
+    for bad in ["0,1.5", "0.3,x", "0.3,0.3"]:
+        with pytest.raises(SystemExit):
+            main(["export", str(source), "--out", str(tmp_path / "bad"), "--fit-ctc-weight", str(data),
+                  "--ctc-weights", bad])
+        assert "--ctc-weights" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -7,8 +7,8 @@ import pytest
 
 from osum.tasks import (
     CHAT_SYSTEM_PROMPT, LABELS, SPEECH_CHAT_SEPARATOR, TAG_FIELDS, TAG_TASKS, TASKS, Result, TaskSpec, Word,
-    all_specs, default_prompt, format_target, is_valid_label, join_words, normalize_label, parse, parse_spec,
-    prompts, sample_prompt, task_of_field,
+    all_specs, default_prompt, format_target, is_valid_label, join_words, normalize_label, opens_what_follows, parse,
+    parse_spec, prompts, sample_prompt, task_of_field,
 )
 
 # Every valid spec, spelled independently of all_specs(): asr + any tag subset, only-X, srwt, sttc.
@@ -183,6 +183,24 @@ def test_target_layouts():
     assert format_target("sttc", r) == "good morning<answer>Morning!"
     assert parse("good morning<throat clearing><news & science>", "ssr+ved") == Result(
         transcript="good morning", event="throat clearing", style="news & science")
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.continues_after_transcript], ids=str)
+def test_every_piece_of_a_target_that_closes_its_transcript_opens_what_follows(spec):
+    rng = random.Random(str(spec))
+    for _ in range(25):
+        target = format_target(spec, random_result(spec, rng))
+        end = target.index("<")
+        for a, b in itertools.product(range(max(end - 2, 0), end + 1), range(end + 1, len(target) + 1)):
+            if ">" not in target[end:b - 1]:  # a piece reaching past the first tag's end is not one token's
+                assert opens_what_follows(target[a:b]), target[a:b]
+
+
+def test_pieces_that_open_nothing_a_parse_reads_close_no_transcript():
+    for piece in ["</", " </", "<=", "<<", "><", "a", "", "<hap>", "<answer x", "<Happy"]:
+        assert not opens_what_follows(piece), piece
+    for piece in ["<", ".<", ' "<', "<ans", "<answer>", "<happy>", "<throat cl"]:
+        assert opens_what_follows(piece), piece
 
 
 def test_multiword_labels_round_trip():

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from osum import tasks
+from osum.config import CTC_WEIGHTS
 from osum.evaluate import report
 from osum.evaluate.judge import Judge
 
@@ -272,9 +273,6 @@ def evaluate(model, data: str | Path, task: str | None, out: str | Path, options
                             "--out", str(out), *options.command_args()])
     report.write_run(out, records, summary, command=command, plots=options.plots)
     return summary
-
-
-CTC_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5)  # the weights --fit-ctc-weight tries (ESPnet's recipes use 0.1-0.5)
 
 
 def fit_ctc_weight(model, data: list[str | Path], weights: tuple[float, ...] = CTC_WEIGHTS,

@@ -489,8 +489,9 @@ class SpeechLLM(nn.Module):
             if len(continuing) != len(prompts):
                 raise ValueError(f"continuing has {len(continuing)} flags for {len(prompts)} items")
             stops = self.stop_ids(gen)
+            enders = [t for t in self._end_tokens() if t not in stops]
             closers = [t for t in self.transcript_closers() if t not in stops]
-            processors.append(NoStopInTranscript(torch.tensor(continuing), stops, closers, gen.num_beams))
+            processors.append(NoStopInTranscript(torch.tensor(continuing), stops, enders, closers, gen.num_beams))
         if gen.ctc_weight > 0 and transcribing is not None and any(transcribing):
             if len(transcribing) != len(prompts):
                 raise ValueError(f"transcribing has {len(transcribing)} flags for {len(prompts)} items")
@@ -538,12 +539,13 @@ class SpeechLLM(nn.Module):
         return self._enders
 
     def transcript_closers(self) -> list[int]:
-        """The transcript enders a tag or sttc's answer can open with: those of plain text. The added tokens
-        (chat-template, tool and code markers such as `<|im_start|>`) open no osum tag, and decoding skips the
-        special ones, so a transcript closed by one would lose what follows."""
+        """The transcript enders a tag or sttc's answer can open with (tasks.opens_what_follows): plain text such
+        as ".<", never "</" or "<=", which begin nothing a parse reads, nor an added token (chat-template, tool and
+        code markers such as `<|im_start|>`), which decoding may skip, losing what follows."""
         if self._closers is None:
             added = set(self.tokenizer.added_tokens_decoder)
-            self._closers = [t for t in self._end_tokens() if t not in added]
+            self._closers = [t for t in self._end_tokens()
+                             if t not in added and tasks.opens_what_follows(self.tokenizer.decode([t]))]
         return self._closers
 
     def generate(
@@ -594,28 +596,33 @@ class RepetitionPenalty(LogitsProcessor):
 
 class NoStopInTranscript(LogitsProcessor):
     """In the rows of items whose transcript must be followed by more (asr+tags: the tags; sttc: the answer), a stop
-    while the transcript is open (no token of `closers`, those holding tasks.TRANSCRIPT_END, written yet) becomes
-    the likeliest closer instead: its score rises to the best stop token's and the stop tokens are ruled out. A model
-    that partly reads the task from the audio otherwise ends a question or sentence where its asr outputs end, and
-    the answer or tags are lost; ruling the stop out alone makes it go on with words that were not said. Where
-    it stops, the transcript ends, and it goes on to what follows. Rows are items × beams, in item order.
+    while the transcript is open (no token of `enders`, those holding tasks.TRANSCRIPT_END, written yet) becomes
+    the likeliest of `closers` (the enders that open a tag or answer) instead: its score rises to the best stop
+    token's and the stop tokens are ruled out. A model that partly reads the task from the audio otherwise ends a
+    question or sentence where its asr outputs end, and the answer or tags are lost; ruling the stop out alone
+    makes it go on with words that were not said. Where it stops, the transcript ends, and it goes on to what
+    follows. Rows are items × beams, in item order.
     """
 
-    def __init__(self, items: torch.Tensor, stops: list[int], closers: list[int], num_beams: int = 1):
+    def __init__(self, items: torch.Tensor, stops: list[int], enders: list[int], closers: list[int],
+                 num_beams: int = 1):
+        if not set(closers) <= set(enders):
+            raise ValueError(f"closers {sorted(set(closers) - set(enders))} are not among the enders")
         if not closers:
-            raise ValueError("no token closes a transcript: the tokenizer has no token holding "
-                             f"{tasks.TRANSCRIPT_END!r}")
+            raise ValueError("no token closes a transcript: the tokenizer has no plain-text token that opens a "
+                             f"tag or answer with {tasks.TRANSCRIPT_END!r}")
         if not stops:
             raise ValueError("no stop tokens to rule out")
         self.items, self.num_beams = items.bool(), num_beams
         self.stops = torch.tensor(stops, dtype=torch.long)
+        self.enders = torch.tensor(enders, dtype=torch.long)
         self.closers = torch.tensor(closers, dtype=torch.long)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         device = scores.device
         stops, closers = self.stops.to(device), self.closers.to(device)
         rows = torch.arange(input_ids.shape[0], device=device) // self.num_beams
-        open_ = (self.items.to(device)[rows] & ~torch.isin(input_ids, closers).any(1)).nonzero()[:, 0]
+        open_ = (self.items.to(device)[rows] & ~torch.isin(input_ids, self.enders.to(device)).any(1)).nonzero()[:, 0]
         if not len(open_):
             return scores
         scores = scores.clone()
