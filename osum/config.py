@@ -137,8 +137,10 @@ class PromptConfig:
     end_token: str | None = None
 
 
-# The joint decoding weights `osum export --fit-ctc-weight` tries by default (ESPnet's recipes use 0.1-0.5).
-CTC_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5)
+# The joint decoding weights `osum export --fit-ctc-weight` tries by default (ESPnet's recipes use 0.1-0.5; a
+# small LLM that has heard little real speech can want more: osum-tiny's valid WER was lowest at 0.5, and still
+# falling there on a grid that stopped at 0.5). 0, the LLM alone, is always among them.
+CTC_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.9)
 
 
 @dataclass
@@ -177,6 +179,10 @@ class GenerationConfig:
     # are the LLM's alone. 0 = the LLM alone; `osum export --fit-ctc-weight` chooses w on held-out data.
     ctc_weight: float = 0.0
     ctc_candidates: int = 10
+    # Hold what follows a transcript (an only-X output: all of it) to the task's grammar (tasks.tag_grammar): its
+    # tags in order, each one of its field's labels, then the end; sttc's answer separator, then the free reply.
+    # The LLM's scores choose among what the grammar allows, so every such output parses. False: the LLM alone.
+    constrain_tags: bool = True
 
     def __post_init__(self):
         from osum.tasks import TAG_FIELDS  # a leaf module; imported here to keep config's imports plain

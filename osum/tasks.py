@@ -206,6 +206,68 @@ def all_specs() -> list[TaskSpec]:
             + [TaskSpec("srwt"), TaskSpec("sttc")])
 
 
+@dataclass(frozen=True)
+class TagGrammar:
+    """What an output may hold after its transcript (an only-X output: from its start): its spec's tags in order,
+    each one of its field's labels in brackets, or sttc's answer separator, after which the reply is free text.
+    Decoding holds the LLM to it (generation.constrain_tags), so such an output always parses: a label outside the
+    vocabulary (`<horror>`) or a broken separator (`<1>`) cannot be written. Tags are prefix-free (each ends with
+    '>', which no label holds), so a text has at most one reading."""
+
+    slots: tuple[tuple[str, ...], ...]  # each slot's strings, e.g. ("<laugh>", "<cough>", ...)
+    free_after: bool = False  # sttc: the reply after the separator is not constrained
+
+    def state(self, text: str) -> tuple[int, str] | None:
+        """(slots filled, what of the next one is written) after `text`; None if no output goes on so. With
+        free_after, any text past the last slot leaves the state at (len(slots), "")."""
+        i = 0
+        while i < len(self.slots):
+            whole = next((s for s in self.slots[i] if text.startswith(s)), None)
+            if whole is None:
+                return (i, text) if any(s.startswith(text) for s in self.slots[i]) else None
+            text, i = text[len(whole):], i + 1
+        return (i, "") if self.free_after or not text else None
+
+    def complete(self, text: str) -> bool:
+        """Every slot is filled: the output may end (or, with free_after, the reply begins)."""
+        state = self.state(text)
+        return state is not None and state[0] == len(self.slots)
+
+    def continuations(self, text: str, max_len: int) -> tuple[set[str], set[str]]:
+        """The strings of 1 to max_len characters that may follow `text` (which the grammar must allow), and,
+        with free_after, those of them that fill the last slot (anything may follow those)."""
+        start = self.state(text)
+        if start is None:
+            raise ValueError(f"{text!r} does not begin an output of this grammar")
+        out, filling = set(), set()
+
+        def grow(i: int, part: str, written: str) -> None:
+            if len(written) == max_len or i == len(self.slots):
+                return
+            for char in {s[len(part)] for s in self.slots[i] if s.startswith(part) and len(s) > len(part)}:
+                more = written + char
+                out.add(more)
+                if part + char in self.slots[i]:
+                    if i + 1 == len(self.slots) and self.free_after:
+                        filling.add(more)
+                    grow(i + 1, "", more)
+                else:
+                    grow(i, part + char, more)
+
+        grow(*start, "")
+        return out, filling
+
+
+def tag_grammar(spec: str | TaskSpec) -> TagGrammar | None:
+    """The grammar of what follows `spec`'s transcript (TagGrammar); None where nothing does (asr, srwt)."""
+    spec = parse_spec(spec)
+    if spec.base == "sttc":
+        return TagGrammar(((SPEECH_CHAT_SEPARATOR,),), free_after=True)
+    if spec.base == "srwt" or not spec.tags:
+        return None
+    return TagGrammar(tuple(tuple(f"<{label}>" for label in LABELS[f]) for f in spec.fields))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Prompts. Single tasks have their own wording; tag combinations and only-X are composed from templates
 # so that every valid spec gets at least five prompts per language. prompts(...)[0] is the default.

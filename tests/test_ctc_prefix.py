@@ -207,31 +207,30 @@ def test_joint_decoding_batch_equals_single_greedy_and_beam(model):
     lengths = [260, 75, 181]
     feats, lens = random_features(lengths, seed=1)
     prompts = ["Transcribe the audio.", "Transcribe.", "Transcribe."]
-    flags = [True, False, True]
+    specs = [tasks.parse_spec("asr"), tasks.parse_spec("srwt"), tasks.parse_spec("asr")]
     for beams in (1, 3):
         gen = dataclasses.replace(model.config.generation, num_beams=beams, max_new_tokens=8, ctc_weight=0.5,
                                   compression_ratio_threshold=None)
-        batched = model.generate_ids(feats, lens, prompts, gen, transcribing=flags)
+        batched = model.generate_ids(feats, lens, prompts, gen, specs=specs)
         for i, n in enumerate(lengths):
             single = model.generate_ids(feats[i : i + 1, :n], lens[i : i + 1], [prompts[i]], gen,
-                                        transcribing=[flags[i]])
+                                        specs=[specs[i]])
             assert single == [batched[i]], (beams, i)
         llm_only = model.generate_ids(feats, lens, prompts, dataclasses.replace(gen, ctc_weight=0.0))
-        assert batched[1] == llm_only[1]  # the unflagged item is the LLM's alone
-        assert model.generate_ids(feats, lens, prompts, gen) == llm_only  # no flags: nothing changes
-    assert batched[0] != llm_only[0] or batched[2] != llm_only[2]  # and the flagged ones did change
+        assert batched[1] == llm_only[1]  # srwt's output is the LLM's alone
+        assert model.generate_ids(feats, lens, prompts, gen) == llm_only  # no specs: free instructions
+    assert batched[0] != llm_only[0] or batched[2] != llm_only[2]  # and the asr ones did change
 
 
-def test_engine_flags_transcript_tasks_for_joint_decoding_and_continuation(model, monkeypatch):
+def test_engine_passes_each_item_its_task(model, monkeypatch):
     from osum.infer.engine import Engine
 
-    seen, going_on = [], []
+    seen = []
     generate = model.generate
 
-    def spy(*args, transcribing=None, continuing=None, **kwargs):
-        seen.append(transcribing)
-        going_on.append(continuing)
-        return generate(*args, transcribing=transcribing, continuing=continuing, **kwargs)
+    def spy(*args, specs=None, **kwargs):
+        seen.append(specs)
+        return generate(*args, specs=specs, **kwargs)
 
     monkeypatch.setattr(model, "generate", spy)
     gen = dataclasses.replace(model.config.generation, max_new_tokens=4, ctc_weight=0.3)
@@ -239,9 +238,8 @@ def test_engine_flags_transcript_tasks_for_joint_decoding_and_continuation(model
     wav = torch.randn(16000).numpy() * 0.1
     for task in ("asr", "asr+ser", "srwt", "sttc", "only:ser"):
         engine.run([wav, wav], task=task)
-    assert [flags[0] for flags in seen] == [True, True, False, True, False]
-    assert [flags[0] for flags in going_on] == [False, True, False, True, False]  # tags or an answer follow
-    assert all(len(flags) == 2 for flags in seen + going_on)
+    assert [str(specs[0]) for specs in seen] == ["asr", "asr+ser", "srwt", "sttc", "only:ser"]
+    assert all(len(specs) == 2 and specs[0] == specs[1] for specs in seen)
 
 
 def test_a_stop_inside_the_transcript_becomes_its_likeliest_closer():
@@ -284,8 +282,9 @@ def test_continuing_items_do_not_stop_inside_the_transcript(model):
     head.bias = torch.nn.Parameter(bias)
     try:
         plain = model.generate_ids(feats, lens, prompts, gen)
-        ruled = model.generate_ids(feats, lens, prompts, gen, continuing=[True, False])
-        single = model.generate_ids(feats[:1, :200], lens[:1], prompts[:1], gen, continuing=[True])
+        specs = [tasks.parse_spec("asr+ser"), tasks.parse_spec("asr")]
+        ruled = model.generate_ids(feats, lens, prompts, gen, specs=specs)
+        single = model.generate_ids(feats[:1, :200], lens[:1], prompts[:1], gen, specs=specs[:1])
     finally:
         head.bias = None
     assert plain == [[], []]
@@ -311,12 +310,19 @@ def test_fit_ctc_weight_pools_the_lists_and_takes_the_smaller_weight_on_ties(mon
         return {"text": {"errors": e, "ref_len": n, "rate": e / n, "utterances": 1}}
 
     monkeypatch.setattr(run, "evaluate", scripted)
-    best, tried = run.fit_ctc_weight(model, ["synth.jsonl", "real.jsonl"])
-    assert best == 0.2 and [w for w, _, _ in tried] == list(CTC_WEIGHTS)
+    weights = (0.0, 0.1, 0.2, 0.3, 0.5)
+    best, tried = run.fit_ctc_weight(model, ["synth.jsonl", "real.jsonl"], weights)
+    assert best == 0.2 and [w for w, _, _ in tried] == list(weights)
     assert [rate for _, rate, _ in tried] == pytest.approx([80 / 1100, 60 / 1100, 30 / 1100, 30 / 1100, 35 / 1100])
-    assert calls == [(d, "asr", w, False) for w in CTC_WEIGHTS for d in ("synth.jsonl", "real.jsonl")]
+    assert calls == [(d, "asr", w, False) for w in weights for d in ("synth.jsonl", "real.jsonl")]
     errors["real.jsonl"][0.5] = 0  # now 0.5 pools 25 errors, fewer than any other
-    assert run.fit_ctc_weight(model, ["synth.jsonl", "real.jsonl"])[0] == 0.5
+    assert run.fit_ctc_weight(model, ["synth.jsonl", "real.jsonl"], weights)[0] == 0.5
+    # by default every weight of CTC_WEIGHTS is tried, the LLM alone (0) among them
+    for table in errors.values():
+        table.update({w: 50 for w in CTC_WEIGHTS if w not in table})
+    calls.clear()
+    assert run.fit_ctc_weight(model, ["synth.jsonl"])[0] == 0.2
+    assert [w for _, _, w, _ in calls] == list(CTC_WEIGHTS) and 0.0 in CTC_WEIGHTS
     with pytest.raises(ValueError, match="at least one list"):
         run.fit_ctc_weight(model, [])
 

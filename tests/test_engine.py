@@ -65,7 +65,7 @@ def test_looping_outputs_are_decoded_again_with_a_repetition_penalty(tiny_model,
     the guard off, the first output stays."""
     calls = []
 
-    def fake_generate(features, lens, prompts, generation, encoded=None, transcribing=None, continuing=None):
+    def fake_generate(features, lens, prompts, generation, encoded=None, specs=None):
         calls.append((len(prompts), generation.repetition_penalty))
         loops = generation.repetition_penalty < 1.3
         return ["a kind of " * 40 if loops and n == int(lens.max()) else "a plain answer" for n in lens.tolist()]

@@ -141,16 +141,14 @@ class ScriptedModel:
 
     def __init__(self, model):
         self._model = model
-        self.transcribing = []  # each call's flags: which items joint CTC decoding may score
-        self.continuing = []  # and which items' transcripts tags or an answer must follow
+        self.specs = []  # each call's task of each item
 
     def __getattr__(self, name: str):
         return getattr(self._model, name)
 
     def generate_ids(self, features, feature_lens, prompts, generation=None, streamer=None, stopping_criteria=None,
-                     encoded=None, transcribing=None, continuing=None):
-        self.transcribing.append(transcribing)
-        self.continuing.append(continuing)
+                     encoded=None, specs=None):
+        self.specs.append(specs)
         rows = []
         for p in prompts:
             spec, _ = resolve_task(self._model.tokenizer.decode(p.prefix), None, "en")
@@ -214,10 +212,9 @@ def test_word_and_segment_timestamps(scripted_server):
     assert [(s.start, s.end, s.text) for s in r.segments] == [(0.0, EXAMPLE_SECONDS, "hello world")]
 
 
-def test_outputs_that_open_with_a_transcript_are_flagged_for_joint_ctc_decoding(tiny_model):
-    """The batcher tells generate_ids which items open with a plain transcript (asr, asr+tags, sttc): only those
-    may be decoded jointly with the CTC head; srwt's word spans, only-tags and free instructions are the LLM's.
-    Of those, asr+tags and sttc are also flagged as continuing: the transcript may not end their output."""
+def test_the_batcher_passes_each_item_its_task(tiny_model):
+    """The batcher tells generate_ids each item's task, which shapes its decoding (joint CTC decoding of a
+    transcript, no stop inside one that tags or an answer follow, the tag grammar); a free instruction has none."""
     model = ScriptedModel(tiny_model)
     with live_server(model, max_new_tokens=64) as url:
         api = client(url)
@@ -229,8 +226,8 @@ def test_outputs_that_open_with_a_transcript_are_flagged_for_joint_ctc_decoding(
         for task in ("asr+ser", "sttc", "only:ser"):
             api.chat.completions.create(model="tiny", messages=user(audio_part(EXAMPLE)), extra_body={"osum_task": task})
         api.chat.completions.create(model="tiny", messages=user(text_part("Who is talking?"), audio_part(EXAMPLE)))
-    assert model.transcribing == [[True], [False], [True], [True], [False], [False]]
-    assert model.continuing == [[False], [False], [True], [True], [False], [False]]
+    assert [[str(s) if s is not None else None for s in specs] for specs in model.specs] == [
+        ["asr"], ["srwt"], ["asr+ser"], ["sttc"], ["only:ser"], [None]]
 
 
 def test_chat_prompt_picks_the_task(scripted_server):
@@ -567,7 +564,7 @@ def test_batcher_merges_only_same_settings():
             return None  # nothing to share: this stand-in reads no audio
 
         def generate_ids(self, features, feature_lens, prompts, generation, streamer=None, stopping_criteria=None,
-                         encoded=None, transcribing=None, continuing=None):
+                         encoded=None, specs=None):
             calls.append((len(prompts), generation.max_new_tokens))
             return [[7] * generation.max_new_tokens for _ in prompts]
 
@@ -672,7 +669,7 @@ class LoopingModel(ScriptedModel):
         self.penalties = []
 
     def generate_ids(self, features, feature_lens, prompts, generation=None, streamer=None, stopping_criteria=None,
-                     encoded=None, transcribing=None, continuing=None):
+                     encoded=None, specs=None):
         self.penalties.append(generation.repetition_penalty)
         text = "a plain answer" if generation.repetition_penalty >= 1.3 else "a kind of " * 30
         rows = [self._model.prompts.encode(text) for _ in prompts]

@@ -131,20 +131,16 @@ class Engine:
 
     def _generate(self, batch: list[Piece], prompt: str, spec: tasks.TaskSpec | None = None) -> None:
         features = self._padded(batch)
-        transcribing = spec is not None and spec.opens_with_transcript
-        continuing = spec is not None and spec.continues_after_transcript
 
         def decode(index: list[int], generation: GenerationConfig) -> list[str]:
             again = [batch[i] for i in index]
             return self.model.generate(*self._padded(again), [prompt] * len(again), generation,
-                                       transcribing=[transcribing] * len(again),
-                                       continuing=[continuing] * len(again))
+                                       specs=[spec] * len(again))
 
         # One encoder and adaptor pass for decoding, the summary's labels and the CTC word times alike.
         encoded = self.model.encode(*features)
         texts = self.model.generate(*features, [prompt] * len(batch), self.generation, encoded=encoded,
-                                    transcribing=[transcribing] * len(batch),
-                                    continuing=[continuing] * len(batch))
+                                    specs=[spec] * len(batch))
         looped = redecode_loops(texts, str, decode, self.generation)
         if looped:
             self.stats.redecoded += looped

@@ -128,6 +128,8 @@ class SpeechLLM(nn.Module):
         self.prompts = PromptBuilder(self.tokenizer, cfg.prompt.layout, cfg.prompt.system, cfg.prompt.end_token)
         self._enders: list[int] | None = None  # _end_tokens, found once
         self._closers: list[int] | None = None  # transcript_closers, found once
+        self._texts: list[str] | None = None  # every token's text (token_texts), found once
+        self._tag_pieces: dict[str, list[int]] | None = None  # tag_pieces, found once
         self._tag_ids: dict[str, list[list[int]]] = {}  # each tag field's labels as token ids (tag_vectors)
 
     # ---- pieces -------------------------------------------------------------------------------
@@ -466,17 +468,18 @@ class SpeechLLM(nn.Module):
         streamer: BaseStreamer | None = None,
         stopping_criteria: StoppingCriteriaList | None = None,
         encoded: Encoded | None = None,
-        transcribing: list[bool] | None = None,
-        continuing: list[bool] | None = None,
+        specs: list[tasks.TaskSpec | None] | None = None,
     ) -> list[list[int]]:
         """Batched generation with KV cache; returns each item's new token ids, stop token excluded.
 
         `streamer` receives each step's new tokens (B,) (HF streamer protocol; not with beam search) and
         `stopping_criteria` may end rows early (a server cancels a disconnected client's row this way).
-        `encoded`: this batch's `encode` already done. `transcribing`: the items whose output opens with a
-        transcript (TaskSpec.opens_with_transcript), which generation.ctc_weight decodes jointly with the CTC
-        head up to the transcript's end (None = none). `continuing`: the items whose transcript must be followed
-        by more (TaskSpec.continues_after_transcript), which may not stop before it is closed (None = none).
+        `encoded`: this batch's `encode` already done. `specs`: each item's task (None: a free instruction; the
+        list None: all free), which shapes its decoding: a transcript that opens the output
+        (TaskSpec.opens_with_transcript) is decoded jointly with the CTC head by generation.ctc_weight; one that
+        tags or an answer follow (TaskSpec.continues_after_transcript) may not end the output; and with
+        generation.constrain_tags, what follows it (an only-X output: all of it) keeps to the task's
+        tasks.tag_grammar.
         """
         gen = generation or self.config.generation
         if gen.seed is not None:
@@ -485,16 +488,23 @@ class SpeechLLM(nn.Module):
         adaptor_out, adaptor_lens = self.embed_audio(features, feature_lens, enc)
         batch = self.assemble(adaptor_out, adaptor_lens, self._as_prompt_ids(prompts))
         processors = [RepetitionPenalty(gen.repetition_penalty)] if gen.repetition_penalty != 1.0 else []
-        if continuing is not None and any(continuing):
-            if len(continuing) != len(prompts):
-                raise ValueError(f"continuing has {len(continuing)} flags for {len(prompts)} items")
-            stops = self.stop_ids(gen)
-            enders = [t for t in self._end_tokens() if t not in stops]
+        specs = [None] * len(prompts) if specs is None else list(specs)
+        if len(specs) != len(prompts):
+            raise ValueError(f"{len(specs)} task specs for {len(prompts)} items")
+        transcribing = [s is not None and s.opens_with_transcript for s in specs]
+        continuing = [s is not None and s.continues_after_transcript for s in specs]
+        stops = self.stop_ids(gen)
+        enders = [t for t in self._end_tokens() if t not in stops]
+        grammars = [tasks.tag_grammar(s) if s is not None else None for s in specs]
+        if gen.constrain_tags and any(grammars):
+            # Before NoStopInTranscript: the closer it puts in a stop's place is then one the grammar allows.
+            processors.append(TagGrammarScores(grammars, [s is not None and s.only for s in specs],
+                                               self.token_texts(), self.tag_pieces(), enders, stops,
+                                               gen.num_beams))
+        if any(continuing):
             closers = [t for t in self.transcript_closers() if t not in stops]
             processors.append(NoStopInTranscript(torch.tensor(continuing), stops, enders, closers, gen.num_beams))
-        if gen.ctc_weight > 0 and transcribing is not None and any(transcribing):
-            if len(transcribing) != len(prompts):
-                raise ValueError(f"transcribing has {len(transcribing)} flags for {len(prompts)} items")
+        if gen.ctc_weight > 0 and any(transcribing):
             # Last: it rules out every token but the candidates it scores.
             processors.append(self._ctc_joint(enc, transcribing, gen))
         out = self.base_llm.generate(
@@ -548,6 +558,26 @@ class SpeechLLM(nn.Module):
                              if t not in added and tasks.opens_what_follows(self.tokenizer.decode([t]))]
         return self._closers
 
+    def token_texts(self) -> list[str]:
+        """Each token id's text alone, found once; an added token's is "" (none is part of a tag)."""
+        if self._texts is None:
+            added = set(self.tokenizer.added_tokens_decoder)
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.tokenizer))])
+            self._texts = ["" if i in added else text for i, text in enumerate(texts)]
+        return self._texts
+
+    def tag_pieces(self) -> dict[str, list[int]]:
+        """The plain tokens that can be part of a tag or sttc's separator (every character in tasks.OPENINGS),
+        by text: what TagGrammarScores looks a grammar's continuations up in. Found once."""
+        if self._tag_pieces is None:
+            alphabet = set("".join(tasks.OPENINGS))
+            pieces: dict[str, list[int]] = {}
+            for i, text in enumerate(self.token_texts()):
+                if text and set(text) <= alphabet:
+                    pieces.setdefault(text, []).append(i)
+            self._tag_pieces = pieces
+        return self._tag_pieces
+
     def generate(
         self,
         features: torch.Tensor,
@@ -555,11 +585,9 @@ class SpeechLLM(nn.Module):
         prompts: list[str] | list[PromptIds],
         generation: GenerationConfig | None = None,
         encoded: Encoded | None = None,
-        transcribing: list[bool] | None = None,
-        continuing: list[bool] | None = None,
+        specs: list[tasks.TaskSpec | None] | None = None,
     ) -> list[str]:
-        ids = self.generate_ids(features, feature_lens, prompts, generation, encoded=encoded,
-                                transcribing=transcribing, continuing=continuing)
+        ids = self.generate_ids(features, feature_lens, prompts, generation, encoded=encoded, specs=specs)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     def understand(self, audio, task: str = "asr", prompt: str | None = None) -> dict:
@@ -631,6 +659,83 @@ class NoStopInTranscript(LogitsProcessor):
         scores[open_, closers[at]] = torch.maximum(best, stop)
         scores[open_[:, None], stops[None, :]] = -float("inf")
         return scores
+
+
+class TagGrammarScores(LogitsProcessor):
+    """Holds each row whose item has a tasks.TagGrammar to it. While its transcript is open (no token of `enders`
+    written yet), the enders that cannot begin what the grammar allows are ruled out (`</`, `<1`, `<|im_start|>`);
+    from the '<' of the one written on (an only-X item: from its first token), only the tokens whose text keeps
+    the output within the grammar remain: the task's own labels, in order, then only the stop tokens; for sttc,
+    the answer separator, then anything. The LLM's scores choose among what remains, so the likeliest well-formed
+    label wins. A row the grammar cannot continue (a tokenizer without the pieces) is left as it is. Rows are
+    items × beams, in item order.
+    """
+
+    def __init__(self, grammars: list[tasks.TagGrammar | None], from_start: list[bool], texts: list[str],
+                 pieces: dict[str, list[int]], enders: list[int], stops: list[int], num_beams: int = 1):
+        if len(from_start) != len(grammars):
+            raise ValueError(f"{len(from_start)} from_start flags for {len(grammars)} grammars")
+        if not stops:
+            raise ValueError("no stop tokens: a complete output could not end")
+        self.grammars, self.from_start, self.num_beams = grammars, from_start, num_beams
+        self.texts, self.pieces, self.stops = texts, pieces, list(stops)
+        self.enders = set(enders)
+        self.max_len = max((len(p) for p in pieces), default=0)
+        self._ruled: dict[tasks.TagGrammar, list[int]] = {}  # each grammar's enders that cannot begin it
+        self._starting: dict[str, list[int]] = {}  # tokens whose text begins with a string (free_after)
+
+    def _ruled_enders(self, grammar: tasks.TagGrammar) -> list[int]:
+        if grammar not in self._ruled:
+            ruled = []
+            for t in self.enders:
+                head, end, rest = self.texts[t].partition(tasks.TRANSCRIPT_END)  # an added token's text is ""
+                if not end or ">" in head or grammar.state(end + rest) is None:
+                    ruled.append(t)
+            self._ruled[grammar] = sorted(ruled)
+        return self._ruled[grammar]
+
+    def _starting_with(self, text: str) -> list[int]:
+        if text not in self._starting:
+            self._starting[text] = [i for i, t in enumerate(self.texts) if t.startswith(text)]
+        return self._starting[text]
+
+    def _allowed(self, grammar: tasks.TagGrammar, written: str) -> list[int] | None:
+        """The tokens that may follow `written` (the output from the grammar's start); None: any token."""
+        if grammar.state(written) is None:
+            return None
+        if grammar.complete(written):
+            return None if grammar.free_after else self.stops
+        more, filling = grammar.continuations(written, self.max_len)
+        allowed = {i for text in more for i in self.pieces.get(text, ())}
+        allowed.update(i for text in filling for i in self._starting_with(text))
+        return sorted(allowed) or None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        out = None
+        for row, ids in enumerate(input_ids.tolist()):
+            grammar = self.grammars[row // self.num_beams]
+            if grammar is None:
+                continue
+            if self.from_start[row // self.num_beams]:
+                written = "".join(self.texts[t] for t in ids)
+            else:
+                at = next((k for k, t in enumerate(ids) if t in self.enders), None)
+                if at is None:
+                    ruled = self._ruled_enders(grammar)
+                    if ruled:
+                        out = scores.clone() if out is None else out
+                        out[row, ruled] = -float("inf")
+                    continue
+                head = self.texts[ids[at]]
+                written = head[head.find(tasks.TRANSCRIPT_END):] + "".join(self.texts[t] for t in ids[at + 1:])
+            allowed = self._allowed(grammar, written)
+            if allowed is None:
+                continue
+            out = scores.clone() if out is None else out
+            keep = out[row, allowed]
+            out[row] = -float("inf")
+            out[row, allowed] = keep
+        return scores if out is None else out
 
 
 def _repeats(tokens: list[int]) -> int:

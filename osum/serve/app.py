@@ -108,8 +108,7 @@ class Service:
         ctc = spec is not None and spec.base == "srwt" and gen.word_times == "ctc"
         job = Job([p.features for p in pieces], self.model.prompts.prompt_ids(prompt), gen,
                   asyncio.get_running_loop(), on_tokens, summary_fields=fields, ctc_words=ctc,
-                  transcribing=spec is not None and spec.opens_with_transcript,
-                  continuing=spec is not None and spec.continues_after_transcript)
+                  spec=spec)
         try:
             self.batcher.submit(job)
         except QueueFull as exc:

@@ -66,8 +66,7 @@ class Job:
         on_tokens: TokenCallback | None = None,
         summary_fields: list[str] | None = None,
         ctc_words: bool = False,
-        transcribing: bool = False,
-        continuing: bool = False,
+        spec: tasks.TaskSpec | None = None,
     ):
         if not features:
             raise ValueError("a job needs at least one piece of audio")
@@ -75,8 +74,7 @@ class Job:
         self.prompt = prompt
         self.summary_fields = list(summary_fields or [])  # tag fields whose labels the voice summary gives
         self.ctc_words = ctc_words  # srwt words timed by the CTC alignment (generation.word_times "ctc")
-        self.transcribing = transcribing  # opens with a transcript, which generation.ctc_weight decodes with CTC
-        self.continuing = continuing  # that transcript is followed by tags or an answer: no stop inside it
+        self.spec = spec  # the task, which shapes decoding (SpeechLLM.generate_ids); None: a free instruction
         self.generation = generation
         # Only pieces with identical decoding settings can share one generate call.
         self.key = json.dumps(dataclasses.asdict(generation), sort_keys=True)
@@ -280,8 +278,7 @@ class Batcher:
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([_Cancelled(batch)]),
             encoded=encoded,
-            transcribing=[w.job.transcribing for w in batch],
-            continuing=[w.job.continuing for w in batch],
+            specs=[w.job.spec for w in batch],
         )
         # The engine's loop guard, for pieces whose text was not streamed (a streamed one keeps what its client has).
         def decode(index: list[int], generation: GenerationConfig) -> list[list[int]]:
@@ -289,8 +286,7 @@ class Batcher:
             return self.model.generate_ids(padded[index].to(device), lens[index].to(device),
                                            [w.job.prompt for w in again], generation,
                                            stopping_criteria=StoppingCriteriaList([_Cancelled(again)]),
-                                           transcribing=[w.job.transcribing for w in again],
-                                           continuing=[w.job.continuing for w in again])
+                                           specs=[w.job.spec for w in again])
 
         looped = redecode_loops(rows, lambda row: self.model.tokenizer.decode(row, skip_special_tokens=True), decode,
                                 gen, candidates=[i for i, w in enumerate(batch) if w.job.on_tokens is None])
