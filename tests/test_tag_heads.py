@@ -159,3 +159,28 @@ def test_export_fits_a_head_and_decodes_with_it(tmp_path, summary_model, capsys)
     assert [r["labels"]["event"] for r in results] == [r["event"] for r in rows]
     with pytest.raises(SystemExit, match="FIELD=LIST"):
         main(["export", str(source), "--out", str(tmp_path / "x"), "--fit-tag-heads", str(data)])
+
+
+def test_event_pooling_script_matches_the_heads_fit(tmp_path, summary_model, monkeypatch, capsys):
+    """recipes/osum-tiny/event_pooling.py: its row for the released head's pooling is the export's own
+    clip-held-out cross-validation (fit_model_head), and the oracle row pools only the event's span."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    import osum
+
+    rows = _write_clips(tmp_path, 16)
+    for row in rows:
+        row["extra"] = {"event": {"clip": row["extra"]["clip"], "span": [0.1, 0.4]}}
+    for name, part in (("train", rows[:12]), ("test", rows[12:])):
+        (tmp_path / f"{name}_synth_ved.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    fit = fit_model_head(summary_model, "event", rows[:12], group_by="extra.event.clip")
+    monkeypatch.setattr(osum, "load", lambda name, **kw: summary_model)
+    monkeypatch.setattr(sys, "argv", ["event_pooling.py", "--data", str(tmp_path)])
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "recipes" / "osum-tiny" / "event_pooling.py"),
+                   run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "12 training utterances (6 clips), blocks [0, 1]" in printed
+    assert f"| whole utterance, mean + std (the released head) | {fit.cv_accuracy:.1%} |" in printed
+    assert "| the event's span only, mean + std (oracle) |" in printed and printed.rstrip().endswith("| – |")
