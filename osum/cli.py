@@ -126,7 +126,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         given = [flag for flag, v in (("--data", args.data), ("--task", args.task)) if v]
         if given:
             raise ValueError(f"--suite runs what its file names; leave out {', '.join(given)}")
-        rows, table = run_suite(args.suite, out=args.out, model=args.model, ctc_weight=args.ctc_weight)
+        rows, table = run_suite(args.suite, out=args.out, model=args.model, ctc_weight=args.ctc_weight,
+                                decoding=args.decoding)
         print(table.read_text(encoding="utf-8"))
         failed = sum(r["summary"]["counts"]["failed"] for r in rows)
         print(f"osum eval: {len(rows)} runs, {failed} failed utterances; table in {table}", file=sys.stderr)
@@ -135,8 +136,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if missing:
         raise ValueError(f"give {', '.join(missing)} (or --suite FILE)")
     options = EvalOptions(
-        metric=args.metric, normalizer=args.normalizer, batch_size=args.batch_size, decoding=args.decoding,
-        max_new_tokens=args.max_new_tokens, ctc_weight=args.ctc_weight, device=args.device, limit=args.limit,
+        metric=args.metric, normalizer=args.normalizer, batch_size=args.batch_size,
+        decoding=args.decoding or "greedy", max_new_tokens=args.max_new_tokens, ctc_weight=args.ctc_weight,
+        device=args.device, limit=args.limit,
         plots=not args.no_plots, judge_url=args.judge_url, judge_model=args.judge_model, judge_key_env=args.judge_key_env,
     )
     summary = evaluate(args.model, args.data, args.task, args.out, options)
@@ -442,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transcript metric (auto: MER if a reference has Chinese characters, else WER)")
     p.add_argument("--normalizer", default="auto", choices=["auto", "en", "zh", "basic", "none"])
     p.add_argument("--batch-size", type=int, default=16, help="most pieces per batch")
-    p.add_argument("--decoding", default="greedy", choices=["greedy", "beam", "osum"], help="decoding preset")
+    p.add_argument("--decoding", default=None, choices=["greedy", "beam", "osum"],
+                   help="decoding preset (default: greedy; with --suite: the suite's own)")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--ctc-weight", type=float, default=None,
                    help=CTC_WEIGHT_HELP)

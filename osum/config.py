@@ -180,7 +180,8 @@ class GenerationConfig:
     ctc_weight: float = 0.0
     ctc_candidates: int = 10
     # Hold what follows a transcript (an only-X output: all of it) to the task's grammar (tasks.tag_grammar): its
-    # tags in order, each one of its field's labels, then the end; sttc's answer separator, then the free reply.
+    # tags in order, each one of its field's labels, then the end; sttc's answer separator, then the free reply;
+    # plain asr's, nothing: its output ends with its transcript.
     # The LLM's scores choose among what the grammar allows, so every such output parses. False: the LLM alone.
     constrain_tags: bool = True
 

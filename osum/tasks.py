@@ -259,11 +259,13 @@ class TagGrammar:
 
 
 def tag_grammar(spec: str | TaskSpec) -> TagGrammar | None:
-    """The grammar of what follows `spec`'s transcript (TagGrammar); None where nothing does (asr, srwt)."""
+    """The grammar of what follows `spec`'s transcript (TagGrammar). Plain asr's is empty: nothing follows, so its
+    output ends where its transcript does (with beam search, a beam that went on past it with a chat-template
+    token won on length). None for srwt, whose time spans are written inside the transcript."""
     spec = parse_spec(spec)
     if spec.base == "sttc":
         return TagGrammar(((SPEECH_CHAT_SEPARATOR,),), free_after=True)
-    if spec.base == "srwt" or not spec.tags:
+    if spec.base == "srwt":
         return None
     return TagGrammar(tuple(tuple(f"<{label}>" for label in LABELS[f]) for f in spec.fields))
 

@@ -138,6 +138,11 @@ def test_suite_writes_one_table(tmp_path, tiny_model, monkeypatch, bad_audio_fil
     assert all(r["summary"]["run"]["generation"]["ctc_weight"] == 0.25 for r in rows)
     assert all("--ctc-weight 0.25" in r["summary"]["command"] for r in rows)
     assert f"osum eval --suite {suite} --ctc-weight 0.25 --out {tmp_path / 'ctc'}" in table.read_text()
+    # and with another decoding preset than the suite's defaults
+    rows, table = run_suite(suite, out=tmp_path / "beam", decoding="beam")
+    assert all(r["summary"]["run"]["decoding"] == "beam" for r in rows)
+    assert all(r["summary"]["run"]["generation"]["num_beams"] == 4 for r in rows)
+    assert f"osum eval --suite {suite} --decoding beam --out {tmp_path / 'beam'}" in table.read_text()
     with pytest.raises(ValueError, match="unknown keys"):
         bad = tmp_path / "bad.yaml"
         bad.write_text("model: tiny\nruns:\n  - {name: x, data: y, tsak: asr}\n")

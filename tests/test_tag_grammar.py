@@ -25,8 +25,10 @@ def walk(grammar: tasks.TagGrammar, rng: random.Random, max_len: int = 3) -> str
 
 
 def test_specs_with_and_without_a_grammar():
-    assert tasks.tag_grammar("asr") is None and tasks.tag_grammar("srwt") is None
-    assert {str(s) for s in GRAMMAR_SPECS} == {str(s) for s in tasks.all_specs()} - {"asr", "srwt"}
+    assert tasks.tag_grammar("srwt") is None  # its time spans are written inside the transcript
+    assert {str(s) for s in GRAMMAR_SPECS} == {str(s) for s in tasks.all_specs()} - {"srwt"}
+    plain = tasks.tag_grammar("asr")  # nothing follows the transcript: the output ends with it
+    assert plain.complete("") and plain.state("<") is None and plain.state("<happy>") is None
     assert tasks.tag_grammar("ser+sgc") == tasks.tag_grammar("sgc+ser")  # one grammar per spec, hashable
 
 
@@ -103,6 +105,8 @@ def test_the_processor_holds_each_row_to_its_grammar():
     assert allowed("asr+ser", ["hi", " there"]) == everything - {"</", "><", "<1", ""}
     assert allowed("sttc", ["hi", " there"]) == everything - {"</", "><", "<happy>", "<1", ""}
     assert allowed(None, ["hi", "</"]) == everything  # no grammar: untouched
+    # plain asr: no ender but the stop, an added token ("": a chat-template marker) included
+    assert allowed("asr", ["hi", " there"]) == everything - {"<", ".<", "</", "<happy>", "><", "<1", ""}
     # from the '<' of the closer on: the rest of a label, then the end
     assert allowed("asr+ser", ["hi", ".<"]) == {"happy", "hap", "sad"}
     assert allowed("asr+ser", ["hi", "<", "happy"]) == {">"}
@@ -169,5 +173,5 @@ def test_constrained_outputs_of_a_random_model_parse(model):
         assert result.errors == [], (spec, text)
         assert set(result.labels()) == set(spec.fields)
         assert all(tasks.is_valid_label(f, v) for f, v in result.labels().items())
-    assert batched[3] == free[3]  # asr has no grammar
+    assert tasks.TRANSCRIPT_END not in batched[3]  # plain asr: nothing follows its transcript
     assert any(tasks.parse(t, s).errors for s, t in zip(specs[:3], free[:3]))

@@ -307,12 +307,13 @@ _RUN_KEYS = {"name", "data", "task", "model"}
 
 
 def run_suite(path: str | Path, out: str | Path | None = None, model: str | None = None,
-              ctc_weight: float | None = None) -> tuple[list[dict], Path]:
+              ctc_weight: float | None = None, decoding: str | None = None) -> tuple[list[dict], Path]:
     """Run every entry of a suite YAML and write `<out>/<name>/...`, `<out>/results.md` and `results.json`.
 
     `model` takes the place of the suite's top-level model (`osum eval --suite F --model M`: the same test sets
     for another checkpoint); runs that name their own model keep it. `ctc_weight` sets every run's joint CTC
-    decoding weight (`--ctc-weight W`: the same model decoded another way).
+    decoding weight (`--ctc-weight W`: the same model decoded another way), and `decoding` every run's preset
+    (`--decoding beam`).
 
         model: models/osum-tiny          # default model of every run
         out: results/bench               # relative to this file (or `osum eval --suite F --out DIR`)
@@ -358,6 +359,8 @@ def run_suite(path: str | Path, out: str | Path | None = None, model: str | None
         options = EvalOptions(**{**defaults, **{k: v for k, v in run.items() if k in option_names}})
         if ctc_weight is not None:
             options = dataclasses.replace(options, ctc_weight=ctc_weight)
+        if decoding is not None:
+            options = dataclasses.replace(options, decoding=decoding)
         model_name = str(run.get("model") or suite["model"])
         data = Path(run["data"])
         data = data if data.is_absolute() else path.parent / data
@@ -378,6 +381,7 @@ def run_suite(path: str | Path, out: str | Path | None = None, model: str | None
     table = report.suite_table(rows)
     again = " ".join(["osum eval --suite", str(path), *(["--model", model] if model else []),
                       *(["--ctc-weight", str(ctc_weight)] if ctc_weight is not None else []),
+                      *(["--decoding", decoding] if decoding is not None else []),
                       *(["--out", str(out)] if out is not None else [])])
     text = (f"# osum benchmark: {path.name}\n\nRegenerate with `{again}`. Per-run reports: "
             f"`<name>/report.md`, per-utterance outputs: `<name>/hyp.jsonl`.\n\n{table}")
