@@ -681,17 +681,18 @@ class TagGrammarScores(LogitsProcessor):
         self.texts, self.pieces, self.stops = texts, pieces, list(stops)
         self.enders = set(enders)
         self.max_len = max((len(p) for p in pieces), default=0)
-        self._ruled: dict[tasks.TagGrammar, list[int]] = {}  # each grammar's enders that cannot begin it
+        # each grammar's enders that cannot begin it, as an index tensor: every open transcript's row masks them
+        self._ruled: dict[tasks.TagGrammar, torch.Tensor] = {}
         self._starting: dict[str, list[int]] = {}  # tokens whose text begins with a string (free_after)
 
-    def _ruled_enders(self, grammar: tasks.TagGrammar) -> list[int]:
+    def _ruled_enders(self, grammar: tasks.TagGrammar) -> torch.Tensor:
         if grammar not in self._ruled:
             ruled = []
             for t in self.enders:
                 head, end, rest = self.texts[t].partition(tasks.TRANSCRIPT_END)  # an added token's text is ""
                 if not end or ">" in head or grammar.state(end + rest) is None:
                     ruled.append(t)
-            self._ruled[grammar] = sorted(ruled)
+            self._ruled[grammar] = torch.tensor(sorted(ruled), dtype=torch.long)
         return self._ruled[grammar]
 
     def _starting_with(self, text: str) -> list[int]:
@@ -722,9 +723,9 @@ class TagGrammarScores(LogitsProcessor):
                 at = next((k for k, t in enumerate(ids) if t in self.enders), None)
                 if at is None:
                     ruled = self._ruled_enders(grammar)
-                    if ruled:
+                    if len(ruled):
                         out = scores.clone() if out is None else out
-                        out[row, ruled] = -float("inf")
+                        out[row, ruled.to(out.device)] = -float("inf")
                     continue
                 head = self.texts[ids[at]]
                 written = head[head.find(tasks.TRANSCRIPT_END):] + "".join(self.texts[t] for t in ids[at + 1:])

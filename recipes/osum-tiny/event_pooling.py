@@ -19,11 +19,8 @@ import torch.nn.functional as F
 
 import osum
 from osum import tasks
-from osum.audio import load_audio, log_mel_spectrogram
+from osum.audio import ENCODER_FRAMES_PER_SECOND, load_audio, log_mel_spectrogram
 from osum.model.tag_heads import cross_validate, fit_linear
-
-FRAMES_PER_SECOND = 50  # encoder output rate
-
 
 def block_frames(model, path: Path) -> list[torch.Tensor]:
     """Every block's output for one utterance, each (T', D), layer-normed as the voice summary pools it."""
@@ -41,8 +38,8 @@ def pooled(frames: list[torch.Tensor], blocks: list[int], kinds: tuple[str, ...]
     for b in blocks:
         h = frames[b]
         if span is not None:
-            start = min(int(span[0] * FRAMES_PER_SECOND), h.shape[0] - 1)
-            h = h[start:max(start + 1, round(span[1] * FRAMES_PER_SECOND))]
+            start = min(int(span[0] * ENCODER_FRAMES_PER_SECOND), h.shape[0] - 1)
+            h = h[start:max(start + 1, round(span[1] * ENCODER_FRAMES_PER_SECOND))]
         stats = {"mean": h.mean(0), "std": h.std(0, unbiased=False), "max": h.max(0).values}
         out += [stats[k] for k in kinds]
     return torch.cat(out)
@@ -56,7 +53,9 @@ def main() -> None:
     args = ap.parse_args()
     data = Path(args.data)
     model = osum.load(args.model).eval()
-    blocks = list(model.config.adaptor.summary_layers) or [0, 1, 2, 4]
+    blocks = list(model.config.adaptor.summary_layers)
+    if not blocks:
+        raise SystemExit(f"{args.model}: no voice summary (model.adaptor.summary_layers), so no event head to compare")
     vocab = tasks.LABELS["event"]
     train = [json.loads(line) for line in (data / "train_synth_ved.jsonl").read_text().splitlines()]
     test = [json.loads(line) for line in (data / "test_synth_ved.jsonl").read_text().splitlines()]
