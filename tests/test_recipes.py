@@ -1,6 +1,7 @@
 """Recipe configs parse and validate (OSUM ships configs that fail their own checks; ours are tested)."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -78,7 +79,6 @@ def test_osum_tiny_continuation_mixture_parses():
 def test_ctc_vs_llm_scores_the_runs_transcripts_and_the_ctc_heads(tiny_model, tmp_path, monkeypatch, capsys):
     """recipes/osum-tiny/ctc_vs_llm.py: its LLM figure is the eval run's own WER; its CTC figure scores the
     model's greedy CTC transcripts by the same metric."""
-    import json
     import runpy
     import sys
 
@@ -112,3 +112,33 @@ def test_ctc_vs_llm_scores_the_runs_transcripts_and_the_ctc_heads(tiny_model, tm
     printed = capsys.readouterr().out
     assert (f"2 utterances of {tmp_path / 'run'}: WER of the LLM's transcripts {100 * summary['text']['rate']:.1f} %, "
             f"of the adaptor's greedy CTC transcripts {100 * ctc_rate:.1f} %") in printed
+
+
+def test_event_clips_counts_each_clip_from_the_synth_metadata(tmp_path, monkeypatch, capsys):
+    """recipes/osum-tiny/event_clips.py: per-clip right counts from the metadata beside each audio file, and the
+    accuracy with clips weighted alike beside the one over utterances."""
+    import runpy
+    import sys
+
+    script = str(Path(__file__).resolve().parents[1] / "recipes" / "osum-tiny" / "event_clips.py")
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [("u1", "Pack/Laugh.ogg", "laugh", "laugh"), ("u2", "Pack/Laugh.ogg", "laugh", "screaming"),
+            ("u3", "Other/PoisonCough.ogg", "cough", "cough"), ("u4", None, None, "laugh")]
+    with open(run / "hyp.jsonl", "w") as f:
+        for key, clip, ref, heard in rows:
+            audio = tmp_path / f"{key}.flac"
+            if clip:
+                (tmp_path / f"{key}.json").write_text(json.dumps({"sample": {"extra": {"event": {"clip": clip}}}}))
+            f.write(json.dumps({"key": key, "audio": str(audio), "ref": {"event": ref} if ref else {"text": "x"},
+                                "hyp": {"labels": {"event": heard}}}) + "\n")
+    monkeypatch.setattr(sys, "argv", ["event_clips.py", str(run)])
+    runpy.run_path(script, run_name="__main__")
+    out = capsys.readouterr().out
+    assert "| laugh | Pack/Laugh.ogg | 2 | 1 | laugh 1, screaming 1 |" in out
+    assert "| cough | Other/PoisonCough.ogg | 1 | 1 | cough 1 |" in out
+    assert ("3 utterances of 2 clips: accuracy 66.7% over utterances, 75.0% with every clip weighted alike; the most "
+            "drawn clip, Pack/Laugh.ogg, holds 2 utterances (1 right)") in out
+    (tmp_path / "u3.json").unlink()
+    with pytest.raises(SystemExit, match="u3.json: no `osum synth` metadata"):
+        runpy.run_path(script, run_name="__main__")
