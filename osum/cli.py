@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TextIO
 
 from osum import DEFAULT_MODEL
-from osum.config import CTC_WEIGHTS
+from osum.config import CTC_WEIGHTS, GENERATION_PRESETS
 
 AUDIO_LIST_SUFFIXES = {".txt", ".lst", ".list"}
 
@@ -52,6 +52,8 @@ def _relative_to(list_file: Path, entry: str) -> Path:
     return p if p.is_absolute() else list_file.parent / p
 
 
+DECODING_HELP = ("decoding preset (default: model, the model's own settings, its config's `generation`: beam search "
+                 "for osum-tiny; greedy: one candidate, about twice as fast)")
 CTC_WEIGHT_HELP = ("weight 0..1 of the CTC head in decoding the transcript that opens asr, asr+tags and sttc "
                    "outputs (generation.ctc_weight; default: the model's; 0: the LLM alone)")
 
@@ -59,7 +61,6 @@ CTC_WEIGHT_HELP = ("weight 0..1 of the CTC head in decoding the transcript that 
 def cmd_infer(args: argparse.Namespace) -> int:
     import osum
     from osum import tasks
-    from osum.config import GENERATION_PRESETS
     from osum.infer.engine import Engine
 
     tasks.parse_spec(args.task)  # a bad spec fails before the model is loaded
@@ -137,7 +138,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"give {', '.join(missing)} (or --suite FILE)")
     options = EvalOptions(
         metric=args.metric, normalizer=args.normalizer, batch_size=args.batch_size,
-        decoding=args.decoding or "greedy", max_new_tokens=args.max_new_tokens, ctc_weight=args.ctc_weight,
+        decoding=args.decoding or "model", max_new_tokens=args.max_new_tokens, ctc_weight=args.ctc_weight,
         device=args.device, limit=args.limit,
         plots=not args.no_plots, judge_url=args.judge_url, judge_model=args.judge_model, judge_key_env=args.judge_key_env,
     )
@@ -368,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="asr", help="task spec, e.g. asr, asr+ser, asr+sap+sgc, srwt, sttc")
     p.add_argument("--prompt", default=None, help="your own instruction instead of the task's fixed prompt")
     p.add_argument("--batch-size", type=int, default=16, help="most pieces per batch")
-    p.add_argument("--decoding", default="greedy", choices=["greedy", "beam", "osum"], help="decoding preset")
+    p.add_argument("--decoding", default="model", choices=list(GENERATION_PRESETS), help=DECODING_HELP)
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--ctc-weight", type=float, default=None,
                    help=CTC_WEIGHT_HELP)
@@ -444,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transcript metric (auto: MER if a reference has Chinese characters, else WER)")
     p.add_argument("--normalizer", default="auto", choices=["auto", "en", "zh", "basic", "none"])
     p.add_argument("--batch-size", type=int, default=16, help="most pieces per batch")
-    p.add_argument("--decoding", default=None, choices=["greedy", "beam", "osum"],
-                   help="decoding preset (default: greedy; with --suite: the suite's own)")
+    p.add_argument("--decoding", default=None, choices=list(GENERATION_PRESETS),
+                   help=DECODING_HELP + "; with --suite: the suite's own")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--ctc-weight", type=float, default=None,
                    help=CTC_WEIGHT_HELP)

@@ -417,7 +417,10 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# `--decoding` presets, each a change to the model's own decoding settings (its config's `generation`).
 GENERATION_PRESETS: dict[str, dict[str, Any]] = {
+    # The model's settings as they are: a released model's config holds those its card measured best.
+    "model": {},
     "greedy": dict(num_beams=1, do_sample=False),
     "beam": dict(num_beams=4, do_sample=False),
     # The reference OSUM decoder: stochastic beam sampling.

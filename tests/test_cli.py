@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from osum.cli import main
 from tests.test_engine import EXAMPLE, long_file
 
@@ -56,6 +58,34 @@ def test_infer_ctc_weight_reaches_the_engine_and_is_checked(monkeypatch, capsys)
     assert seen == [0.4]
     assert main(["infer", EXAMPLE, "--model", "tiny", "--ctc-weight", "1.5"]) == 2
     assert "ctc_weight must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_infer_decodes_with_the_model_settings_unless_a_preset_is_given(tmp_path, tiny_model, monkeypatch, capsys):
+    """The default `--decoding model` keeps the model's config (a release's card chooses beam search); a preset
+    changes only its beams and sampling."""
+    import dataclasses
+
+    import osum
+    from osum.infer import engine
+
+    # monkeypatch puts the shared fixture's settings back after the test
+    monkeypatch.setattr(tiny_model.config, "generation",
+                        dataclasses.replace(tiny_model.config.generation, num_beams=3, ctc_weight=0.3))
+    monkeypatch.setattr(osum, "load", lambda name, device="cpu": tiny_model)
+    seen = []
+
+    class Spy(engine.Engine):
+        def __init__(self, model, **kwargs):
+            seen.append((kwargs["generation"].num_beams, kwargs["generation"].ctc_weight))
+            super().__init__(model, **kwargs)
+
+    monkeypatch.setattr(engine, "Engine", Spy)
+    for extra in ([], ["--decoding", "greedy"], ["--decoding", "beam"]):
+        assert main(["infer", EXAMPLE, "--max-new-tokens", "2", *extra]) == 0
+    assert seen == [(3, 0.3), (1, 0.3), (4, 0.3)]
+    with pytest.raises(SystemExit):
+        main(["infer", EXAMPLE, "--decoding", "widest"])
+    assert "invalid choice: 'widest'" in capsys.readouterr().err
 
 
 def test_bad_task_is_a_usage_error(capsys):

@@ -164,10 +164,14 @@ def test_eval_options_spell_out_the_command(tiny_model, tmp_path):
                        model_name="tiny")
     assert "text" not in summary and summary["tags"]["gender"]["skipped"] == {"no reference label": 1}
     assert summary["command"] == (f"osum eval --model tiny --data {data} --task only:sgc --out {tmp_path / 'out'} "
-                                  "--metric auto --normalizer auto --batch-size 16 --decoding greedy --device cpu "
+                                  "--metric auto --normalizer auto --batch-size 16 --decoding model --device cpu "
                                   "--max-new-tokens 4 --no-plots")
     assert summary["run"]["generation"]["max_new_tokens"] == 4
+    assert summary["run"]["decoding"] == "model"
+    assert summary["run"]["generation"]["num_beams"] == tiny_model.config.generation.num_beams
     assert "Decoding defaults of the model" not in (tmp_path / "out" / "report.md").read_text()
+    with pytest.raises(ValueError, match="decoding 'widest' is not a preset; presets: model, greedy, beam"):
+        evaluate(tiny_model, data, "only:sgc", tmp_path / "out", EvalOptions(decoding="widest"))
 
 
 def test_eval_report_names_answers_that_do_not_come_from_the_text(tiny_model, tmp_path, monkeypatch):

@@ -64,6 +64,7 @@ def test_recipe_training_export_eval_stages(tmp_path):
     assert "lora" in released["stored_groups"] and released["model"]["lora"]["enabled"]  # LoRA kept apart
     generation = released["model"]["generation"]
     assert generation["word_times"] == "ctc" and len(generation["ctc_time_offsets"]) == 2
+    assert generation["num_beams"] == 4  # beam search as the release's default decoding
     assert released["model"]["adaptor"]["tag_heads"] == ["event"]
     assert generation["summary_tags"] == ["gender", "age", "event"]
     assert f"generation.ctc_weight {generation['ctc_weight']}" in proc.stderr

@@ -322,6 +322,21 @@ def test_bad_audio_is_400_naming_the_problem(server, bad_audio_files, tmp_path):
     assert err.status_code == 400 and "base64" in err.message
 
 
+def test_a_beam_model_streams_and_samples_one_candidate():
+    """A model whose settings search beams keeps them for a plain request; a streamed one (tokens as they come) and
+    one that samples (temperature > 0: one drawn sequence, as OpenAI's API) decode a single candidate."""
+    from osum.serve.inputs import generation_for
+
+    base = GenerationConfig(num_beams=4, max_new_tokens=50)
+    settings = ServeConfig()
+    assert generation_for(base, settings).num_beams == 4
+    assert generation_for(base, settings, temperature=0).num_beams == 4
+    assert generation_for(base, settings, stream=True).num_beams == 1
+    sampled = generation_for(base, settings, temperature=0.7)
+    assert (sampled.num_beams, sampled.do_sample, sampled.temperature) == (1, True, 0.7)
+    assert base.num_beams == 4  # the model's own settings are left as they are
+
+
 def test_unknown_task_and_bad_parameters(server):
     api = client(server)
     audio = audio_part(EXAMPLE)

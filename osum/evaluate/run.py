@@ -175,7 +175,7 @@ class EvalOptions:
     metric: str = "auto"
     normalizer: str = "auto"
     batch_size: int = 16
-    decoding: str = "greedy"
+    decoding: str = "model"  # a GENERATION_PRESETS name; "model": the model's own settings
     max_new_tokens: int | None = None
     ctc_weight: float | None = None  # None: the model's generation.ctc_weight
     device: str = "cpu"
@@ -225,6 +225,8 @@ def evaluate(model, data: str | Path, task: str | None, out: str | Path, options
     from osum.infer.engine import Engine
 
     options = options or EvalOptions()
+    if options.decoding not in GENERATION_PRESETS:
+        raise ValueError(f"decoding {options.decoding!r} is not a preset; presets: {', '.join(GENERATION_PRESETS)}")
     rows = read_eval_set(data)
     total_rows = len(rows)
     if options.limit is not None:

@@ -314,7 +314,8 @@ def create_app(model, settings: ServeConfig | None = None) -> FastAPI:
         spec, instruction = resolve_task(text, body.osum_task, model_lang(service))
         gen = generation_for(service.model.config.generation, settings,
                              max_tokens=body.max_completion_tokens or body.max_tokens,
-                             temperature=body.temperature, top_p=body.top_p, seed=body.seed)
+                             temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+                             stream=bool(body.stream))
         pieces, duration = await service.prepare(data, "input_audio", deadline)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())

@@ -168,8 +168,13 @@ def generation_for(
     temperature: float | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    stream: bool = False,
 ) -> GenerationConfig:
-    """The model's decoding settings with a request's overrides; max_tokens may not pass the server's ceiling."""
+    """The model's decoding settings with a request's overrides; max_tokens may not pass the server's ceiling.
+
+    A model whose settings search several beams (num_beams > 1) decodes one candidate for a streamed request, whose
+    tokens must reach the client as they come, and for one that asks to sample (temperature > 0), which draws one
+    sequence as OpenAI's API does."""
     ceiling = settings.max_new_tokens or base.max_new_tokens
     gen = dataclasses.replace(base, max_new_tokens=ceiling, stop_tokens=list(base.stop_tokens))
     if max_tokens is not None:
@@ -189,4 +194,6 @@ def generation_for(
         gen.top_p = top_p
     if seed is not None:
         gen.seed = seed
+    if stream or (temperature is not None and temperature > 0):
+        gen.num_beams = 1
     return gen

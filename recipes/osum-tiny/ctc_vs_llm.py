@@ -6,7 +6,7 @@ transcripts, by the same WER and English normaliser. A CTC transcript far better
 rewrites what it hears into sentences its training text makes likely (what joint CTC decoding,
 generation.ctc_weight, counters; `--ctc-weight 0` gives the LLM's own transcripts):
 
-    osum eval --suite recipes/osum-tiny/eval.yaml --ctc-weight 0 --out exp/osum-tiny/eval-llm
+    osum eval --suite recipes/osum-tiny/eval.yaml --decoding greedy --ctc-weight 0 --out exp/osum-tiny/eval-llm
     python recipes/osum-tiny/ctc_vs_llm.py exp/osum-tiny/eval-llm/real --model osum-tiny
 """
 from __future__ import annotations
