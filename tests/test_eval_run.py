@@ -168,10 +168,24 @@ def test_eval_options_spell_out_the_command(tiny_model, tmp_path):
                                   "--max-new-tokens 4 --no-plots")
     assert summary["run"]["generation"]["max_new_tokens"] == 4
     assert summary["run"]["decoding"] == "model"
-    assert summary["run"]["generation"]["num_beams"] == tiny_model.config.generation.num_beams
     assert "Decoding defaults of the model" not in (tmp_path / "out" / "report.md").read_text()
     with pytest.raises(ValueError, match="decoding 'widest' is not a preset; presets: model, greedy, beam"):
         evaluate(tiny_model, data, "only:sgc", tmp_path / "out", EvalOptions(decoding="widest"))
+
+
+def test_eval_decodes_with_the_model_settings_unless_a_preset_is_given(tiny_model, tmp_path, monkeypatch):
+    import dataclasses
+
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"key": "a", "audio": str(EXAMPLES / "asterisk_weasels_8k.wav"), "text": "x"}) + "\n")
+    # monkeypatch puts the shared fixture's settings back after the test
+    monkeypatch.setattr(tiny_model.config, "generation", dataclasses.replace(tiny_model.config.generation, num_beams=3))
+    beams = {}
+    for decoding in ("model", "greedy", "beam"):
+        summary = evaluate(tiny_model, data, "asr", tmp_path / decoding,
+                           EvalOptions(decoding=decoding, max_new_tokens=2, plots=False))
+        beams[summary["run"]["decoding"]] = summary["run"]["generation"]["num_beams"]
+    assert beams == {"model": 3, "greedy": 1, "beam": 4}
 
 
 def test_eval_report_names_answers_that_do_not_come_from_the_text(tiny_model, tmp_path, monkeypatch):

@@ -337,6 +337,32 @@ def test_a_beam_model_streams_and_samples_one_candidate():
     assert base.num_beams == 4  # the model's own settings are left as they are
 
 
+def test_a_beam_model_served_searches_plain_requests_and_streams_one_candidate():
+    """Through the app: a plain chat request and a transcription decode with the model's beams, a streamed request
+    with one candidate whose text arrives token by token."""
+    import itertools
+
+    model = SpeechLLM(tiny_config("generation.num_beams=2")).eval()
+    beams = []
+    generate_ids = model.generate_ids
+
+    def spy(*args, **kwargs):
+        beams.append(args[3].num_beams)  # (features, lengths, prompts, generation, ...)
+        return generate_ids(*args, **kwargs)
+
+    model.generate_ids = spy
+    messages = user(text_part("Transcribe this audio."), audio_part(EXAMPLE))
+    with live_server(model, max_new_tokens=8) as url:
+        api = client(url)
+        whole = api.chat.completions.create(model="tiny", messages=messages)
+        chunks = list(api.chat.completions.create(model="tiny", messages=messages, stream=True))
+        with open(EXAMPLE, "rb") as f:
+            api.audio.transcriptions.create(model="tiny", file=f)
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert whole.choices[0].message.content and len(deltas) >= 4
+    assert [n for n, _ in itertools.groupby(beams)] == [2, 1, 2]  # a loop guard's second try keeps its request's
+
+
 def test_unknown_task_and_bad_parameters(server):
     api = client(server)
     audio = audio_part(EXAMPLE)

@@ -319,7 +319,7 @@ def run_suite(path: str | Path, out: str | Path | None = None, model: str | None
 
         model: models/osum-tiny          # default model of every run
         out: results/bench               # relative to this file (or `osum eval --suite F --out DIR`)
-        defaults: {normalizer: auto, batch_size: 16, decoding: greedy}   # any EvalOptions field
+        defaults: {normalizer: auto, batch_size: 16, decoding: model}    # any EvalOptions field
         runs:
           - {name: librispeech-test-clean, data: data/ls_clean.jsonl, task: asr}
           - {name: meld-test, data: data/meld.jsonl, task: asr+ser, model: other/model}

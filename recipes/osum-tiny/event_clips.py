@@ -26,7 +26,8 @@ def per_clip(run: Path) -> dict[str, dict]:
             continue
         meta = Path(row["audio"]).with_suffix(".json")
         if not meta.is_file():
-            raise SystemExit(f"{meta}: no `osum synth` metadata beside the audio, so the event clip is unknown")
+            raise SystemExit(f"{meta}: no `osum synth` metadata beside the audio, so the event clip is unknown "
+                             "(the run's audio paths are as the eval read them: run this where the eval ran)")
         event = json.loads(meta.read_text(encoding="utf-8"))["sample"]["extra"]["event"]
         heard = row["hyp"].get("labels", {}).get("event")
         c = clips[event["clip"]]

@@ -69,7 +69,8 @@ if run_stage 6; then
     cp "$OUT/README.md" "$card"
   fi
   # Beam search (BEAMS beams) as the model's decoding default: on the valid split it gave release 5 WER 15.4 %
-  # against greedy's 17.4 % (model card); `--decoding greedy` decodes about twice as fast.
+  # against greedy's 17.4 % (model card); `--decoding greedy` decodes about twice as fast. The CTC weight's fit
+  # below decodes the valid splits once per weight tried, with these beams (88 min for release 5 on 2 cores).
   fit=(--generation "num_beams=${BEAMS:-4}")
   # srwt word times from the CTC alignment, its offsets fitted on the training split's word times
   if [ -f "$DATA/train_synth_srwt.jsonl" ]; then fit+=(--fit-word-times "$DATA/train_synth_srwt.jsonl"); fi
