@@ -186,6 +186,9 @@ def test_eval_decodes_with_the_model_settings_unless_a_preset_is_given(tiny_mode
                            EvalOptions(decoding=decoding, max_new_tokens=2, plots=False))
         beams[summary["run"]["decoding"]] = summary["run"]["generation"]["num_beams"]
     assert beams == {"model": 3, "greedy": 1, "beam": 4}
+    # the report says how the run searched, which `--decoding model` leaves to the config
+    assert "Decoding (`--decoding model`): beam search over 3 beams." in (tmp_path / "model" / "report.md").read_text()
+    assert "Decoding (`--decoding greedy`): greedy." in (tmp_path / "greedy" / "report.md").read_text()
 
 
 def test_eval_report_names_answers_that_do_not_come_from_the_text(tiny_model, tmp_path, monkeypatch):

@@ -329,12 +329,29 @@ def _sources_of_answers(gen: dict, tag_heads: list[str] | None = None) -> list[s
     return ["Decoding defaults of the model (`generation` in summary.json):", "", *lines, ""] if lines else []
 
 
+def _search(run: dict) -> list[str]:
+    """How the run searched, which its command may leave to the model's config (`--decoding model`)."""
+    gen = run.get("generation")
+    if not gen:
+        return []
+    beams = gen.get("num_beams", 1)
+    if gen.get("do_sample"):
+        how = f"sampling (temperature {gen.get('temperature')}, top-p {gen.get('top_p')}, top-k {gen.get('top_k')})"
+        how += f" over {beams} beams" if beams > 1 else ""
+    else:
+        how = f"beam search over {beams} beams" if beams > 1 else "greedy"
+    ctc = gen.get("ctc_weight") or 0
+    joint = f", transcripts jointly with the CTC head (weight {ctc})" if ctc else ""
+    return [f"Decoding (`--decoding {run.get('decoding', '?')}`): {how}{joint}.", ""]
+
+
 def render_markdown(summary: dict) -> str:
     run = summary.get("run", {})
     c = summary["counts"]
     lines = [f"# osum eval: {run.get('data', '?')} · task {run.get('task', '?')}", ""]
     if summary.get("command"):
         lines += ["Command (every option spelled out):", "", "```", summary["command"], "```", ""]
+    lines += _search(run)
     lines += _sources_of_answers(run.get("generation") or {}, run.get("tag_heads"))
     lines += ["| model | utterances | failed | missing output | with parse errors | audio s | wall s |",
               "|---|---|---|---|---|---|---|",
