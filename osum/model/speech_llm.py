@@ -681,19 +681,20 @@ class TagGrammarScores(LogitsProcessor):
         self.texts, self.pieces, self.stops = texts, pieces, list(stops)
         self.enders = set(enders)
         self.max_len = max((len(p) for p in pieces), default=0)
-        # each grammar's enders that cannot begin it, as an index tensor: every open transcript's row masks them
-        self._ruled: dict[tasks.TagGrammar, torch.Tensor] = {}
+        # each grammar's enders that cannot begin it, as an index tensor on the scores' device (made once, not per
+        # step): every open transcript's row masks them
+        self._ruled: dict[tuple[tasks.TagGrammar, torch.device], torch.Tensor] = {}
         self._starting: dict[str, list[int]] = {}  # tokens whose text begins with a string (free_after)
 
-    def _ruled_enders(self, grammar: tasks.TagGrammar) -> torch.Tensor:
-        if grammar not in self._ruled:
+    def _ruled_enders(self, grammar: tasks.TagGrammar, device: torch.device) -> torch.Tensor:
+        if (grammar, device) not in self._ruled:
             ruled = []
             for t in self.enders:
                 head, end, rest = self.texts[t].partition(tasks.TRANSCRIPT_END)  # an added token's text is ""
                 if not end or ">" in head or grammar.state(end + rest) is None:
                     ruled.append(t)
-            self._ruled[grammar] = torch.tensor(sorted(ruled), dtype=torch.long)
-        return self._ruled[grammar]
+            self._ruled[grammar, device] = torch.tensor(sorted(ruled), dtype=torch.long, device=device)
+        return self._ruled[grammar, device]
 
     def _starting_with(self, text: str) -> list[int]:
         if text not in self._starting:
@@ -722,10 +723,10 @@ class TagGrammarScores(LogitsProcessor):
             else:
                 at = next((k for k, t in enumerate(ids) if t in self.enders), None)
                 if at is None:
-                    ruled = self._ruled_enders(grammar)
+                    ruled = self._ruled_enders(grammar, scores.device)
                     if len(ruled):
                         out = scores.clone() if out is None else out
-                        out[row, ruled.to(out.device)] = -float("inf")
+                        out[row, ruled] = -float("inf")
                     continue
                 head = self.texts[ids[at]]
                 written = head[head.find(tasks.TRANSCRIPT_END):] + "".join(self.texts[t] for t in ids[at + 1:])
