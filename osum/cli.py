@@ -231,6 +231,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from osum.model.llm import torch_dtype
     from osum.train import state
 
+    if args.locator_layer is not None and not args.locate_tag_head:
+        raise SystemExit("--locator-layer: the block of a frame locator, which only --locate-tag-head FIELD fits")
+    if args.locate_tag_head and not args.fit_tag_heads:
+        raise SystemExit(f"--locate-tag-head {args.locate_tag_head}: give that field's list with --fit-tag-heads "
+                         f"{args.locate_tag_head}=LIST.jsonl (its rows' extra.{args.locate_tag_head}.span)")
     model = checkpoint.load(args.model)
     if args.generation:
         # Decoding defaults only: the weights fix every other setting.
@@ -256,12 +261,29 @@ def cmd_export(args: argparse.Namespace) -> int:
                   "on these utterances: was the model trained with ctc_weight > 0?", file=sys.stderr)
     if args.fit_tag_heads:
         from osum.evaluate.run import read_eval_set
-        from osum.model.tag_heads import fit_model_head
+        from osum.model.tag_heads import fit_locator, fit_model_head
 
+        specs = []
         for spec in args.fit_tag_heads:
             field, sep, path = spec.partition("=")
             if not sep or not path:
                 raise SystemExit(f"--fit-tag-heads {spec!r}: expected FIELD=LIST.jsonl, e.g. event=train_ved.jsonl")
+            specs.append((field, path))
+        if args.locate_tag_head:
+            paths = [path for field, path in specs if field == args.locate_tag_head]
+            if not paths:
+                raise SystemExit(f"--locate-tag-head {args.locate_tag_head}: no --fit-tag-heads "
+                                 f"{args.locate_tag_head}=LIST.jsonl to fit it on")
+            if model.summary is None:
+                raise SystemExit("--locate-tag-head: the model has no voice summary (model.adaptor.summary_layers)")
+            layers = model.summary.layers
+            layer = layers[len(layers) // 2] if args.locator_layer is None else args.locator_layer
+            loc = fit_locator(model.eval(), args.locate_tag_head, read_eval_set(paths[0]), layer, reg=args.tag_head_reg)
+            print(f"{loc.field} frame locator on block {loc.layer}, fitted on {loc.inside} frames inside the "
+                  f"sound's spans and {loc.outside} outside them in {loc.rows} utterances of {paths[0]}: its top "
+                  f"frame lies inside the span in {loc.top_in_span:.3f} of them (the head's k-fold accuracy below "
+                  "shares this locator across folds)" + _left_out(loc.skipped), file=sys.stderr)
+        for field, path in specs:
             fit = fit_model_head(model.eval(), field, read_eval_set(path), reg=args.tag_head_reg,
                                  group_by=args.tag_head_groups)
             cv = "n/a (one fold)" if fit.cv_accuracy is None else f"{fit.cv_accuracy:.3f}"
@@ -416,6 +438,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{','.join(map(str, CTC_WEIGHTS))})")
     p.add_argument("--tag-head-reg", type=float, default=1e-2,
                    help="L2 penalty of the tag heads' fit, on standardised statistics (default 0.01)")
+    p.add_argument("--locate-tag-head", metavar="FIELD",
+                   help="before fitting FIELD's head (--fit-tag-heads FIELD=LIST.jsonl), fit a frame locator on the "
+                        "sound spans of that list (extra.FIELD.span, as osum synth writes for events) and let the "
+                        "head read statistics pooled where the locator hears the sound, e.g. event")
+    p.add_argument("--locator-layer", type=int, metavar="N",
+                   help="the encoder block the frame locator reads, one of the summary's blocks (default: the "
+                        "middle one of model.adaptor.summary_layers)")
     p.add_argument("--tag-head-groups", metavar="KEY",
                    help="row key (dotted, e.g. extra.event.clip) whose groups the fit's cross-validation holds out "
                         "together; default each utterance alone")

@@ -81,6 +81,13 @@ class AdaptorConfig:
     # (`osum export --fit-tag-heads`, osum/model/tag_heads.py); `generation.summary_tags` then reads those
     # fields off their head instead of the summary position's own scores. Set by the export, not by hand.
     tag_heads: list[str] = field(default_factory=list)
+    # A frame locator for one tag field whose evidence is a short sound inside speech (the vocal event): a linear
+    # scorer over the normalised frames of one summary block, fitted on the training rows' spans of that sound
+    # (`osum export --locate-tag-head`, osum/model/tag_heads.py). That field's head then reads statistics pooled
+    # with the locator's probabilities as frame weights, so the sound's frames count and the speech around it
+    # hardly does. Set by the export, not by hand; both or neither.
+    located_head: str | None = None
+    locator_layer: int | None = None
     # Keep the position table in the checkpoint instead of recomputing it: OSUM's infer.pt stores it
     # bf16-rounded, and exact parity needs those values.
     store_positions: bool = False

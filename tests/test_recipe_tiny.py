@@ -21,7 +21,9 @@ def test_recipe_training_export_eval_stages(tmp_path):
     # the training split's word times and events, on which the export fits the CTC word-time offsets and the
     # event head
     for task, name in (("srwt", "srwt"), ("asr+ved", "ved")):
-        (data / f"train_synth_{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows if r["task"] == task))
+        (data / f"train_synth_{name}.jsonl").write_text("".join(
+            json.dumps({**r, "extra": {"event": {"clip": r["key"], "span": [0.1, 0.4]}}} if name == "ved" else r) + "\n"
+            for r in rows if r["task"] == task))  # the events' spans, as osum synth records them
     assert len({r["event"] for r in rows if r["task"] == "asr+ved"}) > 1
     (data / "mixture.yaml").write_text("train:\n  synth: {shards: list.jsonl}\nvalid:\n  synth: {shards: list.jsonl}\n")
     shutil.copy(listing, data / "test_synth_sgc.jsonl")
@@ -66,6 +68,8 @@ def test_recipe_training_export_eval_stages(tmp_path):
     assert generation["word_times"] == "ctc" and len(generation["ctc_time_offsets"]) == 2
     assert generation["num_beams"] == 4  # beam search as the release's default decoding
     assert released["model"]["adaptor"]["tag_heads"] == ["event"]
+    assert released["model"]["adaptor"]["located_head"] == "event"  # the head reads where the event is
+    assert "event frame locator on block" in proc.stderr
     assert generation["summary_tags"] == ["gender", "age", "event"]
     assert f"generation.ctc_weight {generation['ctc_weight']}" in proc.stderr
     assert f"{data / 'valid_synth.jsonl'}: " in proc.stderr and f"{data / 'valid_real.jsonl'}: " in proc.stderr

@@ -133,33 +133,45 @@ def test_head_errors_name_what_is_wrong(tmp_path, summary_model):
         SpeechLLM(tiny_config("adaptor.summary_layers=[0]", "adaptor.tag_heads=[mood]"))
 
 
-def test_export_fits_a_head_and_decodes_with_it(tmp_path, summary_model, capsys):
+@pytest.mark.parametrize("located", [False, True], ids=["whole", "located"])
+def test_export_fits_a_head_and_decodes_with_it(tmp_path, summary_model, capsys, located):
+    """`--fit-tag-heads`, and with `--locate-tag-head` the frame locator fitted first on the rows' event spans."""
     from osum.cli import main
     from osum.infer.engine import Engine
     from osum.model import checkpoint
 
-    rows = _write_clips(tmp_path, 10)
+    rows = _write_events(tmp_path, 10) if located else _write_clips(tmp_path, 10)
     data = tmp_path / "ved.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     source = checkpoint.save(summary_model, tmp_path / "ckpt")
+    groups = "extra.event.clip" if located else "extra.clip"
     assert main(["export", str(source), "--keep-lora", "--dtype", "bfloat16", "--out", str(tmp_path / "out"),
-                 "--fit-tag-heads", f"event={data}", "--tag-head-reg", "0.001",
-                 "--tag-head-groups", "extra.clip"]) == 0
+                 "--fit-tag-heads", f"event={data}", "--tag-head-reg", "0.001", "--tag-head-groups", groups,
+                 *(["--locate-tag-head", "event"] if located else [])]) == 0
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     assert dtypes["summary.heads.event.weight"] == "F32" and dtypes["summary.proj.weight"] == "BF16"
+    assert dtypes.get("summary.locator.weight") == ("F32" if located else None)
     err = capsys.readouterr().err
-    assert "event head fitted on 10 utterances" in err and "held out together: extra.clip" in err
+    assert "event head fitted on 10 utterances" in err and f"held out together: {groups}" in err
+    assert ("event frame locator on block 1, fitted on" in err) == located
     model_cfg = json.loads((tmp_path / "out" / "config.json").read_text())["model"]
     assert model_cfg["adaptor"]["tag_heads"] == ["event"]
+    assert (model_cfg["adaptor"]["located_head"], model_cfg["adaptor"]["locator_layer"]) == (
+        ("event", 1) if located else (None, None))
     assert model_cfg["generation"]["summary_tags"] == ["event"]
     exported = checkpoint.load(tmp_path / "out").eval()
     results = Engine(exported, max_batch_size=4).run([r["audio"] for r in rows], task="asr+ved")
     assert [r["labels"]["event"] for r in results] == [r["event"] for r in rows]
     with pytest.raises(SystemExit, match="FIELD=LIST"):
         main(["export", str(source), "--out", str(tmp_path / "x"), "--fit-tag-heads", str(data)])
+    with pytest.raises(SystemExit, match="--fit-tag-heads event=LIST"):
+        main(["export", str(source), "--out", str(tmp_path / "x"), "--locate-tag-head", "event"])
+    with pytest.raises(SystemExit, match="no --fit-tag-heads gender="):
+        main(["export", str(source), "--out", str(tmp_path / "x"), "--locate-tag-head", "gender",
+              "--fit-tag-heads", f"event={data}"])
 
 
 def test_event_pooling_script_matches_the_heads_fit(tmp_path, summary_model, monkeypatch, capsys):
@@ -193,5 +205,138 @@ def test_event_pooling_script_matches_the_heads_fit(tmp_path, summary_model, mon
                    run_name="__main__")
     printed = capsys.readouterr().out
     assert "12 training utterances (6 clips), blocks [0, 1]" in printed
-    assert f"| whole utterance, mean + std (the released head) | {fit.cv_accuracy:.1%} |" in printed
+    assert f"| whole utterance, mean + std (release 5's head) | {fit.cv_accuracy:.1%} |" in printed
     assert printed.rstrip().endswith(f"| the event's span only, mean + std (oracle) | {oracle:.1%} | – |")
+    # with a frame locator, a last row reads the located statistics the export's head is fitted on
+    from osum.model.tag_heads import fit_locator
+
+    fit_locator(summary_model, "event", rows[:12], layer=1)
+    located = fit_model_head(summary_model, "event", rows[:12], group_by="extra.event.clip")
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "recipes" / "osum-tiny" / "event_pooling.py"),
+                   run_name="__main__")
+    last = capsys.readouterr().out.rstrip().splitlines()[-1]
+    assert last.startswith("| weighted by the model's frame locator (block 1), mean + std (the released head) | "
+                           f"{located.cv_accuracy:.1%} | ")
+
+
+def _write_events(folder, n: int) -> list[dict]:
+    """Utterances of a quiet hum with one loud sound inside at a random place: a noise burst ("cough") or a high
+    tone ("laugh"), its span recorded as osum synth records an inserted event's."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(n):
+        t = np.arange(int(16000 * rng.uniform(1.5, 2.5))) / 16000
+        wav = 0.02 * np.sin(2 * np.pi * rng.uniform(100, 200) * t)
+        start, length = rng.uniform(0.1, t[-1] - 0.5), rng.uniform(0.25, 0.4)
+        seg = slice(int(start * 16000), int((start + length) * 16000))
+        k = np.arange(seg.stop - seg.start) / 16000
+        if i % 2 == 0:
+            wav[seg], label = 0.5 * np.sin(2 * np.pi * rng.uniform(2000, 3000) * k), "laugh"
+        else:
+            wav[seg], label = 0.5 * rng.standard_normal(len(k)), "cough"
+        path = folder / f"e{i}.wav"
+        sf.write(path, wav.astype(np.float32), 16000)
+        rows.append({"key": f"e{i}", "audio": str(path), "event": label,
+                     "extra": {"event": {"clip": f"src{i // 2}", "span": [round(start, 3), round(start + length, 3)]}}})
+    return rows
+
+
+def test_frame_locator_finds_the_sound_and_its_head_reads_located_statistics(tmp_path, summary_model):
+    from osum.model import checkpoint
+    from osum.model.tag_heads import fit_locator
+
+    rows = _write_events(tmp_path, 12)
+    bad = [{"key": "nospan", "audio": rows[0]["audio"], "event": "laugh"},
+           {"key": "late", "audio": rows[0]["audio"], "event": "laugh", "extra": {"event": {"span": [9.0, 9.5]}}},
+           {"key": "backwards", "audio": rows[0]["audio"], "event": "laugh", "extra": {"event": {"span": [1, 0.5]}}}]
+    loc = fit_locator(summary_model, "event", rows + bad, layer=1)
+    assert loc.rows == 12 and loc.layer == 1 and loc.top_in_span >= 0.9
+    assert loc.skipped == {"no usable extra.event.span": 2, "span outside the audio": 1}
+    assert loc.outside == 2 * loc.inside  # every hum is long enough to give twice the event's frames
+    assert summary_model.config.adaptor.located_head == "event" and summary_model.config.adaptor.locator_layer == 1
+    assert not summary_model.summary.locator.weight.requires_grad
+    assert not any(name.startswith("summary.locator") for name in summary_model.trainable_parameters())
+
+    def mels(batch):
+        feats = [log_mel_spectrogram(load_audio(r["audio"])).T for r in batch]
+        return torch.nn.utils.rnn.pad_sequence(feats, batch_first=True), torch.tensor([m.shape[0] for m in feats])
+
+    # The located statistics are the frames' statistics weighted by the locator's probabilities, zero past the end;
+    # its heaviest frame lies inside the event.
+    summary = summary_model.summary
+    padded, lens = mels(rows[:3])
+    with torch.no_grad():
+        _, enc_lens, hidden = summary_model.encoder.forward_layers(padded, lens, summary.layers)
+        weights = summary.frame_weights(hidden, enc_lens)
+        located = summary.pool(hidden, enc_lens, located=True)
+    shortest = int(enc_lens.argmin())
+    assert (weights[shortest, enc_lens[shortest]:] == 0).all() and enc_lens[shortest] < weights.shape[1]
+    for i, row in enumerate(rows[:3]):
+        start, end = (round(t * 50) for t in row["extra"]["event"]["span"])  # 50 encoder frames a second
+        assert start - 1 <= int(weights[i].argmax()) <= end
+        n = int(enc_lens[i])
+        w = weights[i, :n, None] / weights[i, :n].sum()
+        expected = []
+        for block in hidden:
+            h = torch.nn.functional.layer_norm(block[i, :n].float(), block.shape[-1:])
+            mean = (w * h).sum(0)
+            expected += [mean, ((w * (h - mean) ** 2).sum(0) + 1e-6).sqrt()]
+        assert torch.allclose(located[i], torch.cat(expected), atol=1e-5)
+    for row, batched in zip(rows[:5], pooled_stats(summary_model, rows[:5], batch_size=2, window=3, located=True)):
+        assert torch.allclose(batched, pooled_stats(summary_model, [row], located=True)[0], atol=1e-5)
+    # A locator that calls every frame the sound pools as the whole utterance does.
+    saved = summary.locator.state_dict()
+    with torch.no_grad():
+        summary.locator.weight.zero_()
+        summary.locator.bias.fill_(50.0)
+        assert torch.allclose(summary.pool(hidden, enc_lens, located=True), summary.pool(hidden, enc_lens), atol=1e-5)
+    summary.locator.load_state_dict(saved)
+
+    fit = fit_model_head(summary_model, "event", rows, reg=1e-3, group_by="extra.event.clip")
+    assert fit.train_accuracy == 1.0
+    stats = pooled_stats(summary_model, rows, located=True)
+    scores = summary.head_scores(torch.stack(stats), "event")
+    assert [tasks.LABELS["event"][i] for i in scores.argmax(-1).tolist()] == [r["event"] for r in rows]
+
+    def labels(model, batch):
+        return [out["event"] for out in model.summary_labels(*mels(batch), ["event"])]
+
+    together = labels(summary_model, rows)
+    assert together == [r["event"] for r in rows]
+    assert [labels(summary_model, [r])[0] for r in rows] == together  # batch == one by one
+    enc = summary_model.encode(*mels(rows))
+    assert [o["event"] for o in summary_model.summary_labels(None, None, ["event"], encoded=enc)] == together
+
+    out = checkpoint.save(summary_model, tmp_path / "model", dtype=torch.bfloat16)
+    again = checkpoint.load(out).eval()
+    assert (again.config.adaptor.located_head, again.config.adaptor.locator_layer) == ("event", 1)
+    for key, tensor in summary.locator.state_dict().items():
+        assert torch.equal(again.summary.locator.state_dict()[key], tensor)  # kept in float32
+    assert labels(again, rows) == together
+
+
+def test_frame_locator_errors_name_what_is_wrong(tmp_path, summary_model):
+    from osum.model.speech_llm import SpeechLLM
+    from osum.model.tag_heads import fit_locator
+
+    rows = _write_events(tmp_path, 2)
+    with pytest.raises(ValueError, match="pools blocks"):
+        fit_locator(summary_model, "event", rows, layer=3)
+    with pytest.raises(ValueError, match="none of the 1 rows"):
+        fit_locator(summary_model, "event", [{"key": "x", "audio": rows[0]["audio"]}], layer=0)
+    with pytest.raises(ValueError, match="voice summary"):
+        fit_locator(SpeechLLM(tiny_config()).eval(), "event", rows, layer=0)
+    with pytest.raises(ValueError, match="set both"):
+        SpeechLLM(tiny_config("adaptor.summary_layers=[0]", "adaptor.located_head=event"))
+    with pytest.raises(ValueError, match="does not pool"):
+        SpeechLLM(tiny_config("adaptor.summary_layers=[0]", "adaptor.tag_heads=[event]", "adaptor.located_head=event",
+                              "adaptor.locator_layer=1"))
+    with pytest.raises(ValueError, match="not one of the fitted heads"):
+        SpeechLLM(tiny_config("adaptor.summary_layers=[0]", "adaptor.tag_heads=[event]", "adaptor.located_head=age",
+                              "adaptor.locator_layer=0"))
+    with pytest.raises(ValueError, match="adaptor.locator_layer 0: fitted on .* set adaptor.summary_layers"):
+        SpeechLLM(tiny_config("adaptor.locator_layer=0"))
+    with pytest.raises(SystemExit, match="only --locate-tag-head"):
+        from osum.cli import main
+
+        main(["export", "x", "--out", str(tmp_path / "x"), "--locator-layer", "1"])

@@ -269,6 +269,7 @@ def evaluate(model, data: str | Path, task: str | None, out: str | Path, options
         "redecoded": engine.stats.redecoded, "osum_version": osum.__version__,
         "generation": dataclasses.asdict(gen),  # the decoding settings in full, the model's defaults included
         "tag_heads": list(model.config.adaptor.tag_heads),  # summary_tags fields read off a fitted head
+        "located_head": model.config.adaptor.located_head,  # the one of them read where its locator hears it
     }
     if command is None:
         command = " ".join(["osum", "eval", "--model", model_name, "--data", str(data), "--task", str(spec),

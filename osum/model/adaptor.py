@@ -124,11 +124,20 @@ class VoiceSummary(nn.Module):
     follow what the training audio holds, and a field with few distinct sources (the vocal events: about a
     hundred clips) is learned by heart; a regularised linear fit on the frozen encoder's statistics generalises
     further. The statistics depend on the encoder alone, so a head stays valid while the encoder is frozen.
+
+    `locator` (with `locator_layer`, one of `layers`) scores each frame of that block for a short sound (a vocal
+    event); `pool(..., located=True)` weights the frames by its probabilities, so a head can read the sound's
+    statistics rather than the whole utterance's. It is fitted after training too, on labelled sound spans.
     """
 
-    def __init__(self, layers: list[int], enc_dim: int, llm_dim: int, heads: dict[str, int] | None = None):
+    def __init__(self, layers: list[int], enc_dim: int, llm_dim: int, heads: dict[str, int] | None = None,
+                 locator_layer: int | None = None):
         super().__init__()
         self.layers = list(layers)
+        if locator_layer is not None and locator_layer not in self.layers:
+            raise ValueError(f"the locator reads block {locator_layer}, which the summary does not pool "
+                             f"(summary_layers {self.layers})")
+        self.locator_layer = locator_layer
         self.stats_dim = 2 * enc_dim * len(self.layers)
         # skip_init: no draw from the random stream (see LayerMix); `base` and `norm` are set by the caller
         self.proj = nn.utils.skip_init(nn.Linear, self.stats_dim, llm_dim, bias=False)
@@ -137,7 +146,10 @@ class VoiceSummary(nn.Module):
         self.norm = nn.LayerNorm(llm_dim)
         self.heads = nn.ModuleDict({f: nn.utils.skip_init(nn.Linear, self.stats_dim, n)
                                     for f, n in (heads or {}).items()})
-        for head in self.heads.values():
+        self.locator = None
+        if locator_layer is not None:
+            self.locator = nn.utils.skip_init(nn.Linear, enc_dim, 1)
+        for head in [*self.heads.values(), *([self.locator] if self.locator is not None else [])]:
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
 
@@ -149,13 +161,18 @@ class VoiceSummary(nn.Module):
         """(B, stats_dim) pooled statistics → (B, D_llm) the position."""
         return self.norm(self.proj(stats.to(self.proj.weight.dtype)) + self.base)
 
-    def pool(self, hidden: list[torch.Tensor], lens: torch.Tensor) -> torch.Tensor:
-        """The pooled statistics the position is projected from: (B, 2 * D_enc * blocks), float32."""
+    def pool(self, hidden: list[torch.Tensor], lens: torch.Tensor, located: bool = False) -> torch.Tensor:
+        """The pooled statistics the position is projected from: (B, 2 * D_enc * blocks), float32. `located`:
+        each valid frame weighted by the locator's probability (`frame_weights`) instead of all alike."""
         if len(hidden) != len(self.layers):
             raise ValueError(f"VoiceSummary takes blocks {self.layers}, got {len(hidden)} hidden states")
         T = hidden[0].shape[1]
         mask = (torch.arange(T, device=lens.device)[None, :] < lens[:, None]).float()[..., None]  # (B, T', 1)
-        count = mask.sum(1).clamp(min=1)
+        if located:
+            mask = mask * self.frame_weights(hidden, lens)[..., None]
+        # a frame count; located, the weights' sum, which may be far below one frame where nothing sounds like the
+        # event (the weighted statistics are still those of the frames the locator weighs most)
+        count = mask.sum(1).clamp(min=torch.finfo(torch.float32).tiny if located else 1)
         stats = []
         for h in hidden:
             h = F.layer_norm(h.float(), h.shape[-1:])
@@ -163,6 +180,16 @@ class VoiceSummary(nn.Module):
             var = (((h - mean[:, None]) ** 2) * mask).sum(1) / count
             stats += [mean, (var + 1e-6).sqrt()]  # the epsilon keeps the gradient finite for a one-frame input
         return torch.cat(stats, -1)
+
+    def frame_weights(self, hidden: list[torch.Tensor], lens: torch.Tensor) -> torch.Tensor:
+        """(B, T') the locator's score of each frame as a probability of belonging to the sound it was fitted on
+        (calibrated to its fit, which saw twice as many frames outside the sound as inside); 0 past an item's end."""
+        if self.locator is None:
+            raise ValueError("this voice summary has no frame locator (adaptor.locator_layer)")
+        h = hidden[self.layers.index(self.locator_layer)].float()
+        scores = F.linear(F.layer_norm(h, h.shape[-1:]), self.locator.weight.float(), self.locator.bias.float())
+        keep = torch.arange(h.shape[1], device=lens.device)[None, :] < lens[:, None]
+        return torch.sigmoid(scores[..., 0]) * keep
 
     def head_scores(self, stats: torch.Tensor, field: str) -> torch.Tensor:
         """(B, stats_dim) pooled statistics → (B, labels) scores of the field's fitted head."""

@@ -97,10 +97,10 @@ def write(
 
 
 def _keep_fp32(key: str) -> bool:
-    """The voice summary's fitted tag heads keep their dtype in a half-precision export: their weights hold the
-    fit's standardisation (divided by each statistic's spread), which can exceed fp16's range, and they are
-    a few thousand numbers."""
-    return key.startswith("summary.heads.")
+    """The voice summary's fitted tag heads and frame locator keep their dtype in a half-precision export: their
+    weights hold the fit's standardisation (divided by each statistic's spread), which can exceed fp16's range,
+    and they are a few thousand numbers."""
+    return key.startswith(("summary.heads.", "summary.locator."))
 
 
 def read_config(model_dir: str | Path) -> tuple[ModelConfig, list[str]]:

@@ -55,11 +55,13 @@ class Encoded:
     adaptor_lens: torch.Tensor  # (B,)
     summary: torch.Tensor | None  # (B, H) the voice summary position, when the model has one
     stats: torch.Tensor | None  # (B, stats_dim) its pooled statistics (float32)
+    located: torch.Tensor | None = None  # (B, stats_dim) the same pooled with the frame locator's weights
 
     def take(self, index: torch.Tensor) -> Encoded:
         """The items at `index` (their padding stays the batch's: each item is read up to its own length)."""
         pick = (lambda t: None if t is None else t[index.to(t.device)])
-        return Encoded(pick(self.adaptor_out), pick(self.adaptor_lens), pick(self.summary), pick(self.stats))
+        return Encoded(pick(self.adaptor_out), pick(self.adaptor_lens), pick(self.summary), pick(self.stats),
+                       pick(self.located))
 
 
 @dataclass
@@ -115,16 +117,30 @@ class SpeechLLM(nn.Module):
             unknown = [f for f in cfg.adaptor.tag_heads if f not in tasks.TAG_FIELDS]
             if unknown:
                 raise ValueError(f"adaptor.tag_heads {unknown}: not tag fields ({', '.join(tasks.TAG_FIELDS)})")
+            located = (cfg.adaptor.located_head, cfg.adaptor.locator_layer)
+            if (located[0] is None) != (located[1] is None):
+                raise ValueError(f"adaptor.located_head {located[0]!r} and adaptor.locator_layer {located[1]!r}: "
+                                 "set both (a fitted frame locator) or neither")
+            if located[0] is not None and located[0] not in cfg.adaptor.tag_heads:
+                raise ValueError(f"adaptor.located_head {located[0]!r}: not one of the fitted heads, adaptor.tag_heads "
+                                 f"{cfg.adaptor.tag_heads} (the locator weights the statistics a head reads)")
             self.summary = VoiceSummary(cfg.adaptor.summary_layers, cfg.encoder.d_model, hidden,
-                                        {f: len(tasks.LABELS[f]) for f in cfg.adaptor.tag_heads})
+                                        {f: len(tasks.LABELS[f]) for f in cfg.adaptor.tag_heads},
+                                        cfg.adaptor.locator_layer)
             with torch.no_grad():
                 self.summary.base.normal_(0, std)
                 self.summary.norm.weight.fill_(std)
             self.summary.requires_grad_(cfg.adaptor.trainable)
             self.summary.heads.requires_grad_(False)  # fitted by osum/model/tag_heads.py, never by the optimiser
-        elif cfg.adaptor.tag_heads:
-            raise ValueError(f"adaptor.tag_heads {cfg.adaptor.tag_heads} read the voice summary's statistics: "
-                             "set adaptor.summary_layers")
+            if self.summary.locator is not None:
+                self.summary.locator.requires_grad_(False)  # the same
+        else:
+            fitted = {"tag_heads": cfg.adaptor.tag_heads, "located_head": cfg.adaptor.located_head,
+                      "locator_layer": cfg.adaptor.locator_layer}
+            fitted = [f"adaptor.{k} {v!r}" for k, v in fitted.items() if v not in (None, [])]
+            if fitted:
+                raise ValueError(f"{' and '.join(fitted)}: fitted on the voice summary's statistics, which this model "
+                                 "does not have: set adaptor.summary_layers")
         self.prompts = PromptBuilder(self.tokenizer, cfg.prompt.layout, cfg.prompt.system, cfg.prompt.end_token)
         self._enders: list[int] | None = None  # _end_tokens, found once
         self._closers: list[int] | None = None  # transcript_closers, found once
@@ -159,11 +175,14 @@ class SpeechLLM(nn.Module):
         if self.layer_mix is not None:
             encoder_out = self.layer_mix(encoder_out, [blocks[i] for i in self.layer_mix.layers])
         adaptor_out, adaptor_lens = self.adaptor(encoder_out, encoder_lens)
-        stats = summary = None
+        stats = summary = located = None
         if self.summary is not None:
-            stats = self.summary.pool([blocks[i] for i in self.summary.layers], encoder_lens)
+            pooled = [blocks[i] for i in self.summary.layers]
+            stats = self.summary.pool(pooled, encoder_lens)
             summary = self.summary.project(stats)
-        return Encoded(adaptor_out, adaptor_lens, summary, stats)
+            if self.summary.locator is not None:
+                located = self.summary.pool(pooled, encoder_lens, located=True)
+        return Encoded(adaptor_out, adaptor_lens, summary, stats, located)
 
     def _encode(self, features: torch.Tensor, feature_lens: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -342,29 +361,34 @@ class SpeechLLM(nn.Module):
                        fields: list[str], encoded: Encoded | None = None) -> list[dict[str, str]]:
         """Each item's label of each field read off the voice summary position alone (the best-scoring tag, as
         `summary_loss` trains it), the way Whisper reads the language off one step's language-token logits; a
-        field with a fitted head (adaptor.tag_heads) is read off its head. `encoded`: this batch's `encode`."""
+        field with a fitted head (adaptor.tag_heads) is read off its head, the located field (adaptor.located_head)
+        off statistics pooled where its locator hears the sound. `encoded`: this batch's `encode`."""
         if self.summary is None:
             raise ValueError("this model has no voice summary to read labels from (model.adaptor.summary_layers)")
         if encoded is not None:
-            stats, summary = encoded.stats, encoded.summary
-        else:
-            stats = self.summary_stats(features, feature_lens)
+            stats, summary, located = encoded.stats, encoded.summary, encoded.located
+        else:  # the encoder's blocks alone: no adaptor pass
+            _, lens, hidden = self.encoder.forward_layers(features, feature_lens, self.summary.layers)
+            stats = self.summary.pool(hidden, lens)
+            located = self.summary.pool(hidden, lens, located=True) if self.summary.locator is not None else None
             summary = self.summary.project(stats)
         out = self._read_summary(summary, [f for f in fields if f not in self.summary.heads])
         for field in fields:
             if field in self.summary.heads:
-                for row, best in zip(out, self.summary.head_scores(stats, field).argmax(-1).tolist()):
+                read = located if field == self.config.adaptor.located_head else stats
+                for row, best in zip(out, self.summary.head_scores(read, field).argmax(-1).tolist()):
                     row[field] = tasks.LABELS[field][best]
         return out
 
     @torch.no_grad()
-    def summary_stats(self, features: torch.Tensor, feature_lens: torch.Tensor) -> torch.Tensor:
+    def summary_stats(self, features: torch.Tensor, feature_lens: torch.Tensor, located: bool = False
+                      ) -> torch.Tensor:
         """(B, stats_dim) the voice summary's pooled statistics of each item (VoiceSummary.pool), from the
-        encoder alone."""
+        encoder alone; `located`: pooled with the frame locator's weights."""
         if self.summary is None:
             raise ValueError("this model has no voice summary (model.adaptor.summary_layers)")
         _, encoder_lens, hidden = self.encoder.forward_layers(features, feature_lens, self.summary.layers)
-        return self.summary.pool(hidden, encoder_lens)
+        return self.summary.pool(hidden, encoder_lens, located=located)
 
     @property
     def seconds_per_position(self) -> float:

@@ -6,6 +6,11 @@ penalty on standardised statistics, solved by L-BFGS; the standardisation is fol
 the head is one plain linear layer. It reports its training accuracy and a cross-validated one: with
 `group_by`, every utterance that shares a group (an event clip, a speaker) is held out together, which is what
 an unseen voice or clip will meet.
+
+A short sound inside speech (a vocal event) is a few frames of the utterance. `osum export --locate-tag-head
+event` first fits a frame locator, a logistic scorer over one block's normalised frames, on the sound spans that
+`osum synth` records (`extra.event.span`), and the event head then reads statistics pooled with its
+probabilities as frame weights.
 """
 from __future__ import annotations
 
@@ -94,12 +99,9 @@ def cross_validate(x: torch.Tensor, y: torch.Tensor, groups: Sequence[str], n_cl
     return right / len(y)
 
 
-@torch.no_grad()
-def pooled_stats(model, rows: Sequence[dict], batch_size: int = 8, window: int = 256) -> list[torch.Tensor | None]:
-    """Each row's voice-summary statistics (`SpeechLLM.summary_stats`); None for audio longer than the
-    encoder's window (the summary of a longer input is not one pass). Rows are read `window` at a time and
-    batched by length within it, so memory does not grow with the list."""
-    out: list[torch.Tensor | None] = [None] * len(rows)
+def _batches(model, rows: Sequence[dict], batch_size: int, window: int):
+    """(row indices, padded log-mels, lengths) of the rows whose audio fits one encoder pass, read `window` rows
+    at a time and batched by length within it, so memory does not grow with the list."""
     for first in range(0, len(rows), window):
         mels = {i: A.log_mel_spectrogram(A.load_audio(rows[i]["audio"]), n_mels=model.config.audio.n_mels).T
                 for i in range(first, min(first + window, len(rows)))}
@@ -109,17 +111,134 @@ def pooled_stats(model, rows: Sequence[dict], batch_size: int = 8, window: int =
             index = fits[start:start + batch_size]
             lens = torch.tensor([mels[i].shape[0] for i in index])
             padded = nn.utils.rnn.pad_sequence([mels[i] for i in index], batch_first=True)
-            stats = model.summary_stats(padded.to(model.device), lens.to(model.device)).cpu()
-            for i, row in zip(index, stats):
-                out[i] = row
+            yield index, padded.to(model.device), lens.to(model.device)
+
+
+@torch.no_grad()
+def pooled_stats(model, rows: Sequence[dict], batch_size: int = 8, window: int = 256,
+                 located: bool = False) -> list[torch.Tensor | None]:
+    """Each row's voice-summary statistics (`SpeechLLM.summary_stats`, `located` with the frame locator's
+    weights); None for audio longer than the encoder's window (the summary of a longer input is not one pass)."""
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    for index, padded, lens in _batches(model, rows, batch_size, window):
+        for i, row in zip(index, model.summary_stats(padded, lens, located=located).cpu()):
+            out[i] = row
     return out
+
+
+@dataclass
+class LocatorFit:
+    """What a frame locator's fit found: how many rows and frames it read, and how well it finds the sound."""
+
+    field: str
+    layer: int
+    rows: int
+    inside: int  # frames inside the spans (the positives)
+    outside: int  # frames outside them (the negatives: twice as many from each row, where it has them)
+    top_in_span: float  # share of the rows whose highest-scoring frame lies inside the sound's span
+    skipped: dict[str, int]
+
+
+def _span_frames(span: object, frames: int) -> tuple[int, int] | None:
+    """A row's [start, end] seconds → encoder frames [first, last) within `frames`, at least one; None when the
+    span is not two numbers with start < end or starts past the audio."""
+    if not (isinstance(span, (list, tuple)) and len(span) == 2
+            and all(isinstance(t, (int, float)) for t in span) and 0 <= span[0] < span[1]):
+        return None
+    first = int(span[0] * A.ENCODER_FRAMES_PER_SECOND)
+    if first >= frames:
+        return None
+    return first, min(frames, max(first + 1, round(span[1] * A.ENCODER_FRAMES_PER_SECOND)))
+
+
+def _span_of(row: dict, field: str) -> object:
+    info = (row.get("extra") or {}).get(field)
+    return info.get("span") if isinstance(info, dict) else None
+
+
+@torch.no_grad()
+def fit_locator(model, field: str, rows: Sequence[dict], layer: int, reg: float = 1e-2) -> LocatorFit:
+    """Fit the voice summary's frame locator on block `layer` (one of `adaptor.summary_layers`) from rows that give
+    the span (seconds) of `field`'s sound as `extra.<field>.span` (osum synth writes it for inserted events), and
+    install it in `model` with `config.adaptor.located_head` = `field`: that field's head then reads statistics
+    pooled where the locator hears the sound, an existing head of that field included: fit it again after this
+    (`fit_model_head`), as `osum export --locate-tag-head` does. Every frame inside a span is a
+    positive; twice as many frames outside it, drawn by a generator seeded from the row's key, are negatives, so
+    the fit is the same on every run. Rows without a usable span or longer than one encoder pass are counted."""
+    if model.summary is None:
+        raise ValueError("a frame locator weights the voice summary's frames: the model has none "
+                         "(model.adaptor.summary_layers)")
+    if field not in tasks.TAG_FIELDS:
+        raise ValueError(f"frame locator for {field!r}: not a tag field ({', '.join(tasks.TAG_FIELDS)})")
+    if layer not in model.summary.layers:
+        raise ValueError(f"frame locator on block {layer}: the summary pools blocks {model.summary.layers} only")
+    skipped = {f"no usable extra.{field}.span": 0, "span outside the audio": 0, "longer than one encoder pass": 0}
+    spanned = []
+    for row in rows:
+        if _span_frames(_span_of(row, field), 10 ** 9) is None:
+            skipped[f"no usable extra.{field}.span"] += 1
+        else:
+            spanned.append(row)
+    xs, ys, kept, top_hits = [], [], 0, 0
+    block = model.summary.layers.index(layer)
+    read = set()
+    for index, padded, lens in _batches(model, spanned, batch_size=8, window=256):
+        _, encoder_lens, hidden = model.encoder.forward_layers(padded, lens, model.summary.layers)
+        h = F.layer_norm(hidden[block].float(), hidden[block].shape[-1:]).cpu()
+        for i, frames, n in zip(index, h, encoder_lens.tolist()):
+            read.add(i)
+            row = spanned[i]
+            span = _span_frames(_span_of(row, field), n)
+            if span is None:
+                skipped["span outside the audio"] += 1
+                continue
+            inside = torch.zeros(n, dtype=torch.bool)
+            inside[span[0]:span[1]] = True
+            seed = int(hashlib.sha256(str(row.get("key", i)).encode("utf-8")).hexdigest(), 16) % 2 ** 63
+            outside = (~inside).nonzero()[:, 0]
+            outside = outside[torch.randperm(len(outside), generator=torch.Generator().manual_seed(seed))]
+            outside = outside[:2 * int(inside.sum())]
+            xs += [frames[:n][inside], frames[outside]]
+            ys += [torch.ones(int(inside.sum()), dtype=torch.long), torch.zeros(len(outside), dtype=torch.long)]
+            kept += 1
+    skipped["longer than one encoder pass"] = len(spanned) - len(read)
+    if kept == 0:
+        raise ValueError(f"frame locator for {field!r}: none of the {len(rows)} rows has a usable "
+                         f"extra.{field}.span within one encoder pass")
+    weight, bias = fit_linear(torch.cat(xs), torch.cat(ys), 2, reg)
+    install_locator(model, field, layer, weight[1:] - weight[:1], bias[1:] - bias[:1])
+    for index, padded, lens in _batches(model, spanned, batch_size=8, window=256):
+        _, encoder_lens, hidden = model.encoder.forward_layers(padded, lens, model.summary.layers)
+        weights = model.summary.frame_weights(hidden, encoder_lens).cpu()
+        for i, w, n in zip(index, weights, encoder_lens.tolist()):
+            span = _span_frames(_span_of(spanned[i], field), n)
+            top_hits += span is not None and span[0] <= int(w[:n].argmax()) < span[1]
+    inside = int(sum(int(y.sum()) for y in ys))
+    return LocatorFit(field, layer, kept, inside, sum(len(y) for y in ys) - inside, top_hits / kept,
+                      {k: v for k, v in skipped.items() if v})
+
+
+def install_locator(model, field: str, layer: int, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Put a (1, D_enc) frame scorer on block `layer` into the model's voice summary, for `field`'s head."""
+    summary = model.summary
+    dim = model.config.encoder.d_model
+    if tuple(weight.shape) != (1, dim) or tuple(bias.shape) != (1,):
+        raise ValueError(f"a frame locator must be (1, {dim}) + (1,), got {tuple(weight.shape)} + {tuple(bias.shape)}")
+    locator = nn.Linear(dim, 1, device=summary.proj.weight.device)  # float32: checkpoint._keep_fp32
+    with torch.no_grad():
+        locator.weight.copy_(weight)
+        locator.bias.copy_(bias)
+    locator.requires_grad_(False)
+    summary.locator, summary.locator_layer = locator, layer
+    model.config.adaptor.located_head, model.config.adaptor.locator_layer = field, layer
 
 
 def fit_model_head(model, field: str, rows: Sequence[dict], reg: float = 1e-2, group_by: str | None = None,
                    folds: int = 5) -> HeadFit:
     """Fit `field`'s head on labelled rows (an `audio` path and the field's label) and install it in `model`
-    (its summary's heads and `config.adaptor.tag_heads`). Rows without a label of the field's vocabulary, or
-    with audio longer than one encoder pass, are counted by reason and left out."""
+    (its summary's heads and `config.adaptor.tag_heads`); the located field (`fit_locator`) reads statistics
+    pooled with its locator's weights. Rows without a label of the field's vocabulary, or with audio longer than
+    one encoder pass, are counted by reason and left out."""
     if model.summary is None:
         raise ValueError("tag heads read the voice summary's statistics: the model has none "
                          "(model.adaptor.summary_layers)")
@@ -137,7 +256,8 @@ def fit_model_head(model, field: str, rows: Sequence[dict], reg: float = 1e-2, g
         else:
             labelled.append(row)
     kept, xs = [], []
-    for row, stats in zip(labelled, pooled_stats(model, labelled)):
+    located = field == model.config.adaptor.located_head and model.summary.locator is not None
+    for row, stats in zip(labelled, pooled_stats(model, labelled, located=located)):
         if stats is None:
             skipped["longer than one encoder pass"] += 1
         else:

@@ -75,11 +75,14 @@ if run_stage 6; then
   # srwt word times from the CTC alignment, its offsets fitted on the training split's word times
   if [ -f "$DATA/train_synth_srwt.jsonl" ]; then fit+=(--fit-word-times "$DATA/train_synth_srwt.jsonl"); fi
   # A model with a voice summary (a non-empty summary_layers list in its config) reads gender and age off it,
-  # and vocal events off a linear head fitted on the training split's event utterances; its cross-validation
+  # and vocal events off a linear head fitted on the training split's event utterances, over statistics pooled
+  # where a frame locator (fitted first, on the inserted events' spans) hears the event; its cross-validation
   # holds each event clip's utterances out together.
   if [ -f "$DATA/train_synth_ved.jsonl" ] && grep -q '"summary_layers": \[$' "$EXP/stage$FINAL/final/config.json"; then
     fit+=(--generation "summary_tags=[gender,age]" --fit-tag-heads "event=$DATA/train_synth_ved.jsonl"
           --tag-head-groups extra.event.clip)
+    # (the locator needs the events' spans, which osum synth records; a corpus without them gets the plain head)
+    if grep -q '"span"' "$DATA/train_synth_ved.jsonl"; then fit+=(--locate-tag-head event); fi
   fi
   # joint CTC/LLM decoding of transcripts, its weight chosen on the valid splits, synthetic and real, pooled
   # (0 when CTC does not help there), decoding them as the exported model will (with BEAMS beams)
