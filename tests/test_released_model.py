@@ -42,7 +42,8 @@ def test_released_name_resolves_home_first_then_checkout(tmp_path, monkeypatch):
 
 
 def test_release_holds_only_the_trained_parts_in_bf16_under_60_mb():
-    """Base models by name; adaptor, layer mix, summary (with its event head), LoRA and speech embeddings."""
+    """Base models by name; adaptor, layer mix, summary (with its event head and frame locator), LoRA and speech
+    embeddings."""
     meta = json.loads((RELEASE / CONFIG_FILE).read_text())
     assert meta["stored_groups"] == ["adaptor", "speech_embeds", "layer_mix", "summary", "lora"]
     model = meta["model"]
@@ -52,11 +53,13 @@ def test_release_holds_only_the_trained_parts_in_bf16_under_60_mb():
     with safe_open(str(RELEASE / WEIGHTS_FILE), framework="pt") as f:
         keys = list(f.keys())
         assert {group_of(k) for k in keys} == {"adaptor", "speech_embeds", "layer_mix", "summary", "lora"}
-        # bf16 but the fitted event head, which keeps float32 (checkpoint._keep_fp32)
-        assert {k for k in keys if str(f.get_slice(k).get_dtype()) != "BF16"} == {
-            "summary.heads.event.weight", "summary.heads.event.bias"}
-        assert all(str(f.get_slice(k).get_dtype()) == "F32" for k in keys if k.startswith("summary.heads."))
+        # bf16 but the fitted event head and its frame locator, which keep float32 (checkpoint._keep_fp32)
+        fitted = {"summary.heads.event.weight", "summary.heads.event.bias", "summary.locator.weight",
+                  "summary.locator.bias"}
+        assert {k for k in keys if str(f.get_slice(k).get_dtype()) != "BF16"} == fitted
+        assert all(str(f.get_slice(k).get_dtype()) == "F32" for k in fitted)
     assert model["adaptor"]["tag_heads"] == ["event"]
+    assert (model["adaptor"]["located_head"], model["adaptor"]["locator_layer"]) == ("event", 2)
     assert model["generation"]["summary_tags"] == ["gender", "age", "event"]
     assert model["generation"]["ctc_weight"] == 0.5  # joint CTC decoding, chosen on the valid split (model card)
     assert model["generation"]["num_beams"] == 4  # beam search, chosen on the valid split (model card)
