@@ -161,10 +161,11 @@ def fit_locator(model, field: str, rows: Sequence[dict], layer: int, reg: float 
     """Fit the voice summary's frame locator on block `layer` (one of `adaptor.summary_layers`) from rows that give
     the span (seconds) of `field`'s sound as `extra.<field>.span` (osum synth writes it for inserted events), and
     install it in `model` with `config.adaptor.located_head` = `field`: that field's head then reads statistics
-    pooled where the locator hears the sound, an existing head of that field included: fit it again after this
-    (`fit_model_head`), as `osum export --locate-tag-head` does. Every frame inside a span is a
-    positive; twice as many frames outside it, drawn by a generator seeded from the row's key, are negatives, so
-    the fit is the same on every run. Rows without a usable span or longer than one encoder pass are counted."""
+    pooled where the locator hears the sound. A head fitted before reads them too, so fit it again after this
+    (`fit_model_head`), as `osum export --locate-tag-head` does. Every frame inside a span is a positive; twice as
+    many frames outside it, drawn by a generator seeded from the row's key, are negatives, so the fit is the same
+    on every run. Rows without a usable span, with a span outside the audio or longer than one encoder pass are
+    counted by reason."""
     if model.summary is None:
         raise ValueError("a frame locator weights the voice summary's frames: the model has none "
                          "(model.adaptor.summary_layers)")
