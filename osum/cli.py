@@ -274,11 +274,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             if not paths:
                 raise SystemExit(f"--locate-tag-head {args.locate_tag_head}: no --fit-tag-heads "
                                  f"{args.locate_tag_head}=LIST.jsonl to fit it on")
-            if model.summary is None:
-                raise SystemExit("--locate-tag-head: the model has no voice summary (model.adaptor.summary_layers)")
-            layers = model.summary.layers
-            layer = layers[len(layers) // 2] if args.locator_layer is None else args.locator_layer
-            loc = fit_locator(model.eval(), args.locate_tag_head, read_eval_set(paths[0]), layer, reg=args.tag_head_reg)
+            loc = fit_locator(model.eval(), args.locate_tag_head, read_eval_set(paths[0]), args.locator_layer,
+                              reg=args.tag_head_reg)
             print(f"{loc.field} frame locator on block {loc.layer}, fitted on {loc.inside} frames inside the "
                   f"sound's spans and {loc.outside} outside them in {loc.rows} utterances of {paths[0]}: its top "
                   f"frame lies inside the span in {loc.top_in_span:.3f} of them (the head's k-fold accuracy below "

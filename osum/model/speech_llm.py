@@ -175,14 +175,17 @@ class SpeechLLM(nn.Module):
         if self.layer_mix is not None:
             encoder_out = self.layer_mix(encoder_out, [blocks[i] for i in self.layer_mix.layers])
         adaptor_out, adaptor_lens = self.adaptor(encoder_out, encoder_lens)
-        stats = summary = located = None
+        summary = stats = located = None
         if self.summary is not None:
-            pooled = [blocks[i] for i in self.summary.layers]
-            stats = self.summary.pool(pooled, encoder_lens)
-            summary = self.summary.project(stats)
-            if self.summary.locator is not None:
-                located = self.summary.pool(pooled, encoder_lens, located=True)
+            summary, stats, located = self._summarise([blocks[i] for i in self.summary.layers], encoder_lens)
         return Encoded(adaptor_out, adaptor_lens, summary, stats, located)
+
+    def _summarise(self, hidden: list[torch.Tensor], encoder_lens: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The summary's blocks → its position, pooled statistics and (with a frame locator) located statistics."""
+        stats = self.summary.pool(hidden, encoder_lens)
+        located = self.summary.pool(hidden, encoder_lens, located=True) if self.summary.locator is not None else None
+        return self.summary.project(stats), stats, located
 
     def _encode(self, features: torch.Tensor, feature_lens: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -369,9 +372,7 @@ class SpeechLLM(nn.Module):
             stats, summary, located = encoded.stats, encoded.summary, encoded.located
         else:  # the encoder's blocks alone: no adaptor pass
             _, lens, hidden = self.encoder.forward_layers(features, feature_lens, self.summary.layers)
-            stats = self.summary.pool(hidden, lens)
-            located = self.summary.pool(hidden, lens, located=True) if self.summary.locator is not None else None
-            summary = self.summary.project(stats)
+            summary, stats, located = self._summarise(hidden, lens)
         out = self._read_summary(summary, [f for f in fields if f not in self.summary.heads])
         for field in fields:
             if field in self.summary.heads:

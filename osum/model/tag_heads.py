@@ -139,26 +139,29 @@ class LocatorFit:
     skipped: dict[str, int]
 
 
-def _span_frames(span: object, frames: int) -> tuple[int, int] | None:
-    """A row's [start, end] seconds → encoder frames [first, last) within `frames`, at least one; None when the
-    span is not two numbers with start < end or starts past the audio."""
-    if not (isinstance(span, (list, tuple)) and len(span) == 2
-            and all(isinstance(t, (int, float)) for t in span) and 0 <= span[0] < span[1]):
-        return None
+def _span_of(row: dict, field: str) -> tuple[float, float] | None:
+    """The row's `extra.<field>.span` in seconds, when it is two numbers with 0 <= start < end."""
+    info = (row.get("extra") or {}).get(field)
+    span = info.get("span") if isinstance(info, dict) else None
+    if (isinstance(span, (list, tuple)) and len(span) == 2 and all(isinstance(t, (int, float)) for t in span)
+            and 0 <= span[0] < span[1]):
+        return span[0], span[1]
+    return None
+
+
+def _span_frames(span: tuple[float, float], frames: int) -> tuple[int, int] | None:
+    """A span in seconds → encoder frames [first, last) within `frames`, at least one; None when it starts past
+    the audio."""
     first = int(span[0] * A.ENCODER_FRAMES_PER_SECOND)
     if first >= frames:
         return None
     return first, min(frames, max(first + 1, round(span[1] * A.ENCODER_FRAMES_PER_SECOND)))
 
 
-def _span_of(row: dict, field: str) -> object:
-    info = (row.get("extra") or {}).get(field)
-    return info.get("span") if isinstance(info, dict) else None
-
-
 @torch.no_grad()
-def fit_locator(model, field: str, rows: Sequence[dict], layer: int, reg: float = 1e-2) -> LocatorFit:
-    """Fit the voice summary's frame locator on block `layer` (one of `adaptor.summary_layers`) from rows that give
+def fit_locator(model, field: str, rows: Sequence[dict], layer: int | None = None, reg: float = 1e-2) -> LocatorFit:
+    """Fit the voice summary's frame locator on block `layer` (one of `adaptor.summary_layers`; default the middle
+    one) from rows that give
     the span (seconds) of `field`'s sound as `extra.<field>.span` (osum synth writes it for inserted events), and
     install it in `model` with `config.adaptor.located_head` = `field`: that field's head then reads statistics
     pooled where the locator hears the sound. A head fitted before reads them too, so fit it again after this
@@ -171,21 +174,22 @@ def fit_locator(model, field: str, rows: Sequence[dict], layer: int, reg: float 
                          "(model.adaptor.summary_layers)")
     if field not in tasks.TAG_FIELDS:
         raise ValueError(f"frame locator for {field!r}: not a tag field ({', '.join(tasks.TAG_FIELDS)})")
+    if layer is None:
+        layer = model.summary.layers[len(model.summary.layers) // 2]
     if layer not in model.summary.layers:
         raise ValueError(f"frame locator on block {layer}: the summary pools blocks {model.summary.layers} only")
     skipped = {f"no usable extra.{field}.span": 0, "span outside the audio": 0, "longer than one encoder pass": 0}
     spanned = []
     for row in rows:
-        if _span_frames(_span_of(row, field), 10 ** 9) is None:
+        if _span_of(row, field) is None:
             skipped[f"no usable extra.{field}.span"] += 1
         else:
             spanned.append(row)
-    xs, ys, kept, top_hits = [], [], 0, 0
+    xs, ys, kept, read = [], [], [], set()  # kept: each used row's frames and span, to score once fitted
     block = model.summary.layers.index(layer)
-    read = set()
     for index, padded, lens in _batches(model, spanned, batch_size=8, window=256):
         _, encoder_lens, hidden = model.encoder.forward_layers(padded, lens, model.summary.layers)
-        h = F.layer_norm(hidden[block].float(), hidden[block].shape[-1:]).cpu()
+        h = F.layer_norm(hidden[block].float(), hidden[block].shape[-1:]).cpu()  # as VoiceSummary.frame_weights
         for i, frames, n in zip(index, h, encoder_lens.tolist()):
             read.add(i)
             row = spanned[i]
@@ -201,21 +205,17 @@ def fit_locator(model, field: str, rows: Sequence[dict], layer: int, reg: float 
             outside = outside[:2 * int(inside.sum())]
             xs += [frames[:n][inside], frames[outside]]
             ys += [torch.ones(int(inside.sum()), dtype=torch.long), torch.zeros(len(outside), dtype=torch.long)]
-            kept += 1
+            kept.append((frames[:n], span))
     skipped["longer than one encoder pass"] = len(spanned) - len(read)
-    if kept == 0:
+    if not kept:
         raise ValueError(f"frame locator for {field!r}: none of the {len(rows)} rows has a usable "
                          f"extra.{field}.span within one encoder pass")
     weight, bias = fit_linear(torch.cat(xs), torch.cat(ys), 2, reg)
-    install_locator(model, field, layer, weight[1:] - weight[:1], bias[1:] - bias[:1])
-    for index, padded, lens in _batches(model, spanned, batch_size=8, window=256):
-        _, encoder_lens, hidden = model.encoder.forward_layers(padded, lens, model.summary.layers)
-        weights = model.summary.frame_weights(hidden, encoder_lens).cpu()
-        for i, w, n in zip(index, weights, encoder_lens.tolist()):
-            span = _span_frames(_span_of(spanned[i], field), n)
-            top_hits += span is not None and span[0] <= int(w[:n].argmax()) < span[1]
+    weight, bias = weight[1:] - weight[:1], bias[1:] - bias[:1]  # the sound's logit against the rest's
+    install_locator(model, field, layer, weight, bias)
+    top_hits = sum(first <= int((frames @ weight.T)[:, 0].argmax()) < last for frames, (first, last) in kept)
     inside = int(sum(int(y.sum()) for y in ys))
-    return LocatorFit(field, layer, kept, inside, sum(len(y) for y in ys) - inside, top_hits / kept,
+    return LocatorFit(field, layer, len(kept), inside, sum(len(y) for y in ys) - inside, top_hits / len(kept),
                       {k: v for k, v in skipped.items() if v})
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import osum
 from osum import tasks
 from osum.audio import ENCODER_FRAMES_PER_SECOND, load_audio, log_mel_spectrogram
-from osum.model.tag_heads import cross_validate, fit_linear
+from osum.model.tag_heads import cross_validate, fit_linear, pooled_stats
 
 def block_frames(model, path: Path) -> list[torch.Tensor]:
     """Every block's output for one utterance, each (T', D), layer-normed as the voice summary pools it."""
@@ -30,15 +30,6 @@ def block_frames(model, path: Path) -> list[torch.Tensor]:
         _, _, hidden = model.encoder.forward_layers(mel[None], torch.tensor([mel.shape[0]]),
                                                     list(range(len(model.encoder.layers))))
     return [F.layer_norm(h[0].float(), h.shape[-1:]) for h in hidden]
-
-
-def located_stats(model, data: Path, rows: list[dict]) -> list[torch.Tensor]:
-    """Each row's statistics pooled with the model's frame locator as frame weights, as its event head reads them."""
-    out = []
-    for r in rows:
-        mel = log_mel_spectrogram(load_audio(str(data / r["audio"])), n_mels=model.config.audio.n_mels).T
-        out.append(model.summary_stats(mel[None], torch.tensor([mel.shape[0]]), located=True)[0])
-    return out
 
 
 def pooled(frames: list[torch.Tensor], blocks: list[int], kinds: tuple[str, ...],
@@ -95,7 +86,8 @@ def main() -> None:
             test_acc = f"{float(((x_test @ weight.T + bias).argmax(-1) == y_test).float().mean()):.1%}"
         print(f"| {name} | {cv:.1%} | {test_acc} |", flush=True)
     if model.summary.locator is not None:  # the export fits the head on these statistics (fit_model_head)
-        x, x_test = (torch.stack(located_stats(model, data, rows)) for rows in (train, test))
+        x, x_test = (torch.stack(pooled_stats(model, [{**r, "audio": str(data / r["audio"])} for r in rows],
+                                              located=True)) for rows in (train, test))
         cv = cross_validate(x, y_train, groups, len(vocab), args.reg)
         weight, bias = fit_linear(x, y_train, len(vocab), args.reg)
         test_acc = float(((x_test @ weight.T + bias).argmax(-1) == y_test).float().mean())
