@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the encoder block the frame locator reads, one of the summary's blocks (default: the "
                         "middle one of model.adaptor.summary_layers)")
     p.add_argument("--tag-head-groups", metavar="KEY",
-                   help="row key (dotted, e.g. extra.event.clip) whose groups the fit's cross-validation holds out "
+                   help="row key (dotted, e.g. extra.event.recording) whose groups the fit's cross-validation holds out "
                         "together; default each utterance alone")
     p.set_defaults(func=cmd_export)
 

@@ -132,15 +132,37 @@ def test_inside_event_without_word_timing_opens_the_quietest_frame():
     assert 1.1 + 0.1 <= ins.span[0] <= 1.2 + 0.1
 
 
-def test_event_clip_splits_are_disjoint_packs(tmp_path):
-    for pack in ("Default", "Pirate", "British", "Elsewhere"):
-        (tmp_path / pack).mkdir()
-        sf.write(tmp_path / pack / "Laugh.ogg", np.zeros(1600), SR, format="OGG", subtype="VORBIS")
-    sf.write(tmp_path / "Default" / "PoisonCough.ogg", np.zeros(1600), SR, format="OGG", subtype="VORBIS")
-    sf.write(tmp_path / "Default" / "Jump1.ogg", np.zeros(1600), SR, format="OGG", subtype="VORBIS")  # no event
+def test_event_clip_splits_are_disjoint_packs_and_recordings(tmp_path):
+    """Packs split train from test, and a test clip whose file is a training clip's (or an earlier test clip's)
+    is left out of the test split, while training keeps a recording two packs share under both names."""
+    tone = np.sin(np.arange(1600) / 7.0)
+
+    def clip(path: str, scale: float) -> None:
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        sf.write(tmp_path / path, scale * tone, SR, format="OGG", subtype="VORBIS")
+
+    def twin(path: str, of: str) -> None:
+        (tmp_path / path).parent.mkdir(exist_ok=True)
+        shutil.copy(tmp_path / of, tmp_path / path)
+
+    clip("Default/Laugh.ogg", 0.1)
+    clip("Pirate/Laugh.ogg", 0.2)
+    clip("British/Laugh.ogg", 0.3)
+    clip("Elsewhere/Laugh.ogg", 0.4)
+    clip("Default/PoisonCough.ogg", 0.5)
+    clip("Default/Jump1.ogg", 0.6)  # no event
+    twin("Classic/Laugh.ogg", of="Default/Laugh.ogg")  # a training twin
+    clip("Russian/PoisonCough.ogg", 0.7)
+    twin("Russian_pl/PoisonCough.ogg", of="Default/PoisonCough.ogg")  # heard in training
+    twin("Russian_pl/Ooff1.ogg", of="Russian/PoisonCough.ogg")  # a test twin
     train, test = effects.event_clips("train", tmp_path), effects.event_clips("test", tmp_path)
-    assert train == {"cough": ["Default/PoisonCough.ogg"], "laugh": ["Default/Laugh.ogg", "Pirate/Laugh.ogg"]}
-    assert test == {"laugh": ["British/Laugh.ogg"]}
+    assert train == {"cough": ["Default/PoisonCough.ogg"],
+                     "laugh": ["Classic/Laugh.ogg", "Default/Laugh.ogg", "Pirate/Laugh.ogg"]}
+    assert test == {"cough": ["Russian/PoisonCough.ogg"], "laugh": ["British/Laugh.ogg"]}
+    assert effects.repeated_test_clips(tmp_path) == {"Russian_pl/Ooff1.ogg": "Russian/PoisonCough.ogg",
+                                                      "Russian_pl/PoisonCough.ogg": "Default/PoisonCough.ogg"}
+    assert effects.clip_digest(tmp_path / "Classic/Laugh.ogg") == effects.clip_digest(tmp_path / "Default/Laugh.ogg")
+    assert effects.clip_digest(tmp_path / "Pirate/Laugh.ogg") != effects.clip_digest(tmp_path / "Default/Laugh.ogg")
     assert not set(effects.EVENT_PACKS["train"]) & set(effects.EVENT_PACKS["test"])
 
 
@@ -268,6 +290,7 @@ def test_fake_build_writes_disjoint_labelled_splits_and_reruns_for_free(tmp_path
     prov = _build(out, events, utts)
     assert prov["failures"] == [] and prov["build"]["synthesised_now"] == 48 + 4 + 3 * len(FAMILIES)
     assert prov["splits"]["train"]["utterances"] == 48 and prov["text"]["shared_between_train_and_test"] == 0
+    assert prov["events"]["test_clips_left_out"] == {}  # _events' clips are distinct noise
 
     train = list(read_samples(resolve_sources(out / "train"), PipelineStats()))
     manifest = json.loads((out / "train" / "manifest.json").read_text())
@@ -296,6 +319,7 @@ def test_fake_build_writes_disjoint_labelled_splits_and_reruns_for_free(tmp_path
         if s.event:
             ev = s.extra["event"]
             assert ev["clip"].startswith("Default/") and ev["span"][1] <= s.duration + 1e-3
+            assert ev["recording"] == effects.clip_digest(events / ev["clip"])
         if s.words:  # spans stay inside the audio and in order, after every effect and insertion
             assert all(a.start <= b.start for a, b in zip(s.words, s.words[1:])) and s.words[-1].end <= s.duration + 0.01
         assert (s.emotion is not None) == (s.extra["family"] == "ser")

@@ -176,7 +176,7 @@ def test_export_fits_a_head_and_decodes_with_it(tmp_path, summary_model, capsys,
 
 def test_event_pooling_script_matches_the_heads_fit(tmp_path, summary_model, monkeypatch, capsys):
     """recipes/osum-tiny/event_pooling.py: its row for the released head's pooling is the export's own
-    clip-held-out cross-validation (fit_model_head), and the oracle row pools only the event's span."""
+    recording-held-out cross-validation (fit_model_head), and the oracle row pools only the event's span."""
     import runpy
     import sys
     from pathlib import Path
@@ -185,10 +185,12 @@ def test_event_pooling_script_matches_the_heads_fit(tmp_path, summary_model, mon
 
     rows = _write_clips(tmp_path, 16)
     for row in rows:
-        row["extra"] = {"event": {"clip": row["extra"]["clip"], "span": [0.0, 0.4]}}
+        # two clips of one recording: the cross-validation holds them out together
+        recording = row["extra"]["clip"].replace("src5", "src4")
+        row["extra"] = {"event": {"clip": row["extra"]["clip"], "recording": recording, "span": [0.0, 0.4]}}
     for name, part in (("train", rows[:12]), ("test", rows[12:])):
         (tmp_path / f"{name}_synth_ved.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    fit = fit_model_head(summary_model, "event", rows[:12], group_by="extra.event.clip")
+    fit = fit_model_head(summary_model, "event", rows[:12], group_by="extra.event.recording")
     # the oracle, pooled here by the voice summary's own masked pooling over the span's 20 encoder frames (0.4 s)
     summary, stats = summary_model.summary, []
     for row in rows[:12]:
@@ -196,7 +198,7 @@ def test_event_pooling_script_matches_the_heads_fit(tmp_path, summary_model, mon
         with torch.no_grad():
             _, _, hidden = summary_model.encoder.forward_layers(mel, torch.tensor([mel.shape[1]]), summary.layers)
             stats.append(summary.pool(hidden, torch.tensor([20]))[0])
-    groups = [row["extra"]["event"]["clip"] for row in rows[:12]]
+    groups = [row["extra"]["event"]["recording"] for row in rows[:12]]
     labels = torch.tensor([tasks.LABELS["event"].index(row["event"]) for row in rows[:12]])
     oracle = cross_validate(torch.stack(stats), labels, groups, len(tasks.LABELS["event"]))
     monkeypatch.setattr(osum, "load", lambda name, **kw: summary_model)
@@ -204,14 +206,14 @@ def test_event_pooling_script_matches_the_heads_fit(tmp_path, summary_model, mon
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "recipes" / "osum-tiny" / "event_pooling.py"),
                    run_name="__main__")
     printed = capsys.readouterr().out
-    assert "12 training utterances (6 clips), blocks [0, 1]" in printed
+    assert "12 training utterances (5 recordings), blocks [0, 1]" in printed
     assert f"| whole utterance, mean + std (release 5's head) | {fit.cv_accuracy:.1%} |" in printed
     assert printed.rstrip().endswith(f"| the event's span only, mean + std (oracle) | {oracle:.1%} | – |")
     # with a frame locator, a last row reads the located statistics the export's head is fitted on
     from osum.model.tag_heads import fit_locator
 
     fit_locator(summary_model, "event", rows[:12], layer=1)
-    located = fit_model_head(summary_model, "event", rows[:12], group_by="extra.event.clip")
+    located = fit_model_head(summary_model, "event", rows[:12], group_by="extra.event.recording")
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "recipes" / "osum-tiny" / "event_pooling.py"),
                    run_name="__main__")
     last = capsys.readouterr().out.rstrip().splitlines()[-1]

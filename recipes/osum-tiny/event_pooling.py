@@ -5,7 +5,8 @@ shares the frames with speech. This fits the same regularised head on several po
 the whole utterance (release 5's head), weighted by the model's fitted frame locator (the released head, when the
 model has one: `osum export --locate-tag-head event`), and an oracle that pools only the frames of the inserted
 event (its span is in the training rows' `extra.event`). It scores each by cross-validation with every event
-clip's utterances held out together (what unseen clips meet) and on the held-out packs' test list:
+recording's utterances held out together (what unseen clips meet; `extra.event.recording`, since two packs may
+share one recording under two names) and on the held-out packs' test list:
 
     python recipes/osum-tiny/event_pooling.py --model osum-tiny --data data/osum-tiny
 """
@@ -64,7 +65,7 @@ def main() -> None:
     test_frames = [block_frames(model, data / r["audio"]) for r in test]
     y_train = torch.tensor([vocab.index(r["event"]) for r in train])
     y_test = torch.tensor([vocab.index(r["event"]) for r in test])
-    groups = [r["extra"]["event"]["clip"] for r in train]
+    groups = [r["extra"]["event"]["recording"] for r in train]
     all_blocks = list(range(len(model.encoder.layers)))
     variants = [  # name, blocks, statistics, pooled over the event's span only (test rows carry no span)
         ("whole utterance, mean + std (release 5's head)", blocks, ("mean", "std"), False),
@@ -72,9 +73,9 @@ def main() -> None:
         ("whole utterance, mean + std, every block", all_blocks, ("mean", "std"), False),
         ("the event's span only, mean + std (oracle)", blocks, ("mean", "std"), True),
     ]
-    print(f"event head on {len(train)} training utterances ({len(set(groups))} clips), blocks {blocks}, "
+    print(f"event head on {len(train)} training utterances ({len(set(groups))} recordings), blocks {blocks}, "
           f"L2 {args.reg}\n")
-    print("| pooling | clip-held-out 5-fold accuracy | test packs |\n|---|---|---|")
+    print("| pooling | recording-held-out 5-fold accuracy | test packs |\n|---|---|---|")
     for name, used, kinds, span in variants:
         x = torch.stack([pooled(f, used, kinds, tuple(r["extra"]["event"]["span"]) if span else None)
                          for f, r in zip(train_frames, train)])

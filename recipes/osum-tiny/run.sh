@@ -77,10 +77,10 @@ if run_stage 6; then
   # A model with a voice summary (a non-empty summary_layers list in its config) reads gender and age off it,
   # and vocal events off a linear head fitted on the training split's event utterances, over statistics pooled
   # where a frame locator (fitted first, on the inserted events' spans) hears the event; its cross-validation
-  # holds each event clip's utterances out together.
+  # holds each event recording's utterances out together (two packs may share one under two names).
   if [ -f "$DATA/train_synth_ved.jsonl" ] && grep -q '"summary_layers": \[$' "$EXP/stage$FINAL/final/config.json"; then
     fit+=(--generation "summary_tags=[gender,age]" --fit-tag-heads "event=$DATA/train_synth_ved.jsonl"
-          --tag-head-groups extra.event.clip)
+          --tag-head-groups extra.event.recording)
     # (the locator needs the events' spans, which osum synth records; a corpus without them gets the plain head)
     if grep -q '"span"' "$DATA/train_synth_ved.jsonl"; then fit+=(--locate-tag-head event); fi
   fi

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -464,6 +464,19 @@ def _atomic_text(path: Path, text: str) -> None:
     _atomic_bytes(path, text.encode("utf-8"))
 
 
+def _name_recordings(records: Iterable[dict], events_root: str) -> None:
+    """Gives each inserted event its recording's digest (extra.event.recording, effects.clip_digest): two packs
+    may hold one recording under two names, and a cross-validation that holds clips out must hold out both."""
+    digests: dict[str, str] = {}
+    for record in records:
+        event = record["sample"].get("extra", {}).get("event")
+        if event is not None:
+            clip = event["clip"]
+            if clip not in digests:
+                digests[clip] = effects.clip_digest(Path(events_root) / clip)
+            event["recording"] = digests[clip]
+
+
 def _samples(records: list[dict], out: Path) -> list[Sample]:
     return [Sample.from_dict(r["sample"], base_dir=out) for r in records]
 
@@ -613,6 +626,7 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
             else:
                 real_records[utt.split].append(record)
 
+    _name_recordings(records.values(), cfg.events_root)
     by_split: dict[str, list[dict]] = defaultdict(list)
     for job in jobs:
         if job["key"] in records:
@@ -679,6 +693,7 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
         "events": {"source": "Debian hedgewars-data voice packs (GFDL-1.3)", "mapping": effects.EVENT_FILES,
                    "packs": effects.EVENT_PACKS,
                    "clips": {s: {k: len(v) for k, v in c.items()} for s, c in clips.items()},
+                   "test_clips_left_out": effects.repeated_test_clips(cfg.events_root),
                    "labels_without_clips": sorted(set(tasks.LABELS["event"]) - set(effects.EVENT_FILES.values()))},
         "labels": {"gender": "the voice's speaker", "age": {"profiles": effects.AGE_PROFILES, "mix": dict(AGE_MIX)},
                    "emotion": effects.EMOTION_PROFILES, "style": effects.STYLE_PROFILES},

@@ -7,6 +7,7 @@ hedgewars-data inserted before, inside (at a word boundary) or after speech.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shutil
@@ -174,14 +175,45 @@ EVENT_PACKS = {
 EVENT_POSITIONS = ("before", "inside", "after")
 
 
-def event_clips(split: str, root: str | os.PathLike = HEDGEWARS_VOICES) -> dict[str, list[str]]:
-    """label -> clip paths relative to `root` ("Pirate/Laugh.ogg") of one split's voice packs, sorted."""
+def clip_digest(path: str | os.PathLike) -> str:
+    """What identifies a clip's recording: the first 16 hex digits of its file's sha256. The packs share some
+    recordings under different pack names (Classic's are Default's; Russian_pl's PoisonCough is Default_pl's),
+    so a clip's path does not say whether two clips are one sound."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def _pack_clips(split: str, root: str | os.PathLike) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for pack in EVENT_PACKS[split]:
         for stem, label in EVENT_FILES.items():
             if (Path(root) / pack / f"{stem}.ogg").is_file():
                 out.setdefault(label, []).append(f"{pack}/{stem}.ogg")
     return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def repeated_test_clips(root: str | os.PathLike = HEDGEWARS_VOICES) -> dict[str, str]:
+    """test clip -> the clip it repeats, for each test-pack clip whose file is byte for byte a training-pack clip
+    or an earlier test clip (sorted order): the clips event_clips("test") leaves out."""
+    seen = {clip_digest(Path(root) / c): c for clips in _pack_clips("train", root).values() for c in clips}
+    repeats = {}
+    for clip in sorted(c for clips in _pack_clips("test", root).values() for c in clips):
+        digest = clip_digest(Path(root) / clip)
+        if digest in seen:
+            repeats[clip] = seen[digest]
+        else:
+            seen[digest] = clip
+    return repeats
+
+
+def event_clips(split: str, root: str | os.PathLike = HEDGEWARS_VOICES) -> dict[str, list[str]]:
+    """label -> clip paths relative to `root` ("Pirate/Laugh.ogg") of one split's voice packs, sorted. The test
+    split leaves out every clip whose recording training has (repeated_test_clips); the training split
+    keeps a recording two packs share under both names (clip_digest groups them where that matters)."""
+    clips = _pack_clips(split, root)
+    if split == "test":
+        repeats = repeated_test_clips(root)
+        clips = {k: [c for c in v if c not in repeats] for k, v in clips.items()}
+    return {k: v for k, v in clips.items() if v}
 
 
 @dataclass
