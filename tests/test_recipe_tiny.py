@@ -20,10 +20,13 @@ def test_recipe_training_export_eval_stages(tmp_path):
     rows = [json.loads(line) for line in listing.read_text().splitlines()]
     # the training split's word times and events, on which the export fits the CTC word-time offsets and the
     # event head
+    def event(r: dict) -> dict:  # an inserted event as osum synth records it
+        return {"clip": r["key"], "recording": r["key"], "span": [0.1, 0.4]}
+
     for task, name in (("srwt", "srwt"), ("asr+ved", "ved")):
         (data / f"train_synth_{name}.jsonl").write_text("".join(
-            json.dumps({**r, "extra": {"event": {"clip": r["key"], "span": [0.1, 0.4]}}} if name == "ved" else r) + "\n"
-            for r in rows if r["task"] == task))  # the events' spans, as osum synth records them
+            json.dumps({**r, "extra": {"event": event(r)}} if name == "ved" else r) + "\n"
+            for r in rows if r["task"] == task))
     assert len({r["event"] for r in rows if r["task"] == "asr+ved"}) > 1
     (data / "mixture.yaml").write_text("train:\n  synth: {shards: list.jsonl}\nvalid:\n  synth: {shards: list.jsonl}\n")
     shutil.copy(listing, data / "test_synth_sgc.jsonl")
