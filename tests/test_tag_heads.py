@@ -87,7 +87,7 @@ def test_fitted_head_is_installed_read_batched_and_reloaded_exactly(tmp_path, su
     rows = _write_clips(tmp_path, 12)
     sf.write(tmp_path / "long.wav", np.zeros(16000 * 31, np.float32), 16000)
     bad = [{"key": "nolabel", "audio": rows[0]["audio"]}, {"key": "odd", "audio": rows[0]["audio"], "event": "bark"},
-           {"key": "long", "audio": str(tmp_path / "long.wav"), "event": "laugh"}]
+           {"key": "long", "audio": str(tmp_path / "long.wav"), "event": "laugh", "extra": {"clip": "long"}}]
     fit = fit_model_head(summary_model, "event", rows + bad, reg=1e-3, group_by="extra.clip")
     assert fit.rows == 12 and fit.train_accuracy == 1.0 and fit.cv_accuracy is not None
     assert fit.cv_groups == "extra.clip"
@@ -125,6 +125,8 @@ def test_head_errors_name_what_is_wrong(tmp_path, summary_model):
         fit_model_head(summary_model, "event", [r for r in rows if r["event"] == "laugh"])
     with pytest.raises(ValueError, match="not a tag field"):
         fit_model_head(summary_model, "mood", rows)
+    with pytest.raises(ValueError, match="4 of 4 labelled rows have no extra.recording"):
+        fit_model_head(summary_model, "event", rows, group_by="extra.recording")
     with pytest.raises(ValueError, match="voice summary"):
         fit_model_head(SpeechLLM(tiny_config()).eval(), "event", rows)
     with pytest.raises(ValueError, match="summary_layers"):

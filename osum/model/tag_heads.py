@@ -256,6 +256,11 @@ def fit_model_head(model, field: str, rows: Sequence[dict], reg: float = 1e-2, g
             skipped[f"{field} label not in the vocabulary"] += 1
         else:
             labelled.append(row)
+    missing = sum(_lookup(row, group_by) is None for row in labelled) if group_by else 0
+    if missing:  # held out alone, they would make the printed estimate better than the grouping says it is
+        raise ValueError(f"tag head for {field!r}: {missing} of {len(labelled)} labelled rows have no {group_by} to "
+                         "group their cross-validation by (a corpus osum synth built before it wrote that key? "
+                         "build it again, or name another key)")
     kept, xs = [], []
     located = field == model.config.adaptor.located_head and model.summary.locator is not None
     for row, stats in zip(labelled, pooled_stats(model, labelled, located=located)):
@@ -271,7 +276,8 @@ def fit_model_head(model, field: str, rows: Sequence[dict], reg: float = 1e-2, g
     y = torch.tensor([vocab.index(row[field]) for row in kept])
     weight, bias = fit_linear(x, y, len(vocab), reg)
     train_accuracy = float(((x @ weight.T + bias).argmax(-1) == y).float().mean())
-    groups = [(_lookup(row, group_by) if group_by else None) or str(row.get("key", i)) for i, row in enumerate(kept)]
+    groups = ([_lookup(row, group_by) for row in kept] if group_by
+              else [str(row.get("key", i)) for i, row in enumerate(kept)])
     cv = cross_validate(x, y, groups, len(vocab), reg, folds)
     install_head(model, field, weight, bias)
     return HeadFit(field, weight, bias, len(kept), train_accuracy, cv, group_by or "each utterance",
