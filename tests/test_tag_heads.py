@@ -344,3 +344,54 @@ def test_frame_locator_errors_name_what_is_wrong(tmp_path, summary_model):
         from osum.cli import main
 
         main(["export", "x", "--out", str(tmp_path / "x"), "--locator-layer", "1"])
+
+
+def test_event_curve_script_refits_the_locator_and_head_on_each_subset(tmp_path, summary_model, monkeypatch,
+                                                                       capsys):
+    """recipes/osum-tiny/event_curve.py: its full-set points are the export's own fit (locator, then head) scored
+    on the test list, computed with its encoder cache; its subsets keep whole recordings of every label, or part
+    of every recording's utterances."""
+    import math
+    import random
+    import runpy
+    import sys
+    from pathlib import Path
+
+    import osum
+    from osum.model.tag_heads import fit_locator
+
+    rows = _write_events(tmp_path, 20)
+    for i, row in enumerate(rows):
+        row["extra"]["event"]["recording"] = f"rec{i // 4}-{row['event']}"  # 2 utterances of each label a recording
+    rows.sort(key=lambda r: r["extra"]["event"]["recording"])
+    train, test = rows[:16], rows[16:]
+    for name, part in (("train", train), ("test", test)):
+        (tmp_path / f"{name}_synth_ved.jsonl").write_text(
+            "".join(json.dumps({**r, "audio": Path(r["audio"]).name}) + "\n" for r in part))
+    fit_locator(summary_model, "event", train, layer=1)
+    head = fit_model_head(summary_model, "event", train, group_by="extra.event.recording")
+    y_test = torch.tensor([tasks.LABELS["event"].index(r["event"]) for r in test])
+    accuracy = float(((torch.stack(pooled_stats(summary_model, test, located=True)) @ head.weight.T + head.bias)
+                      .argmax(-1) == y_test).float().mean())
+    script = str(Path(__file__).resolve().parents[1] / "recipes" / "osum-tiny" / "event_curve.py")
+
+    subsets = runpy.run_path(script)["subsets"]
+    by_recording = {}
+    for row in train:
+        by_recording.setdefault(row["extra"]["event"]["recording"], []).append(row["key"])
+    few = subsets(train, "recordings", 0.25, random.Random(0))
+    kept = {row["extra"]["event"]["recording"] for row in few}
+    assert {row["event"] for row in few} == {"laugh", "cough"} and len(kept) == 2  # one of each label's four
+    assert sorted(row["key"] for row in few) == sorted(k for rec in kept for k in by_recording[rec])
+    half = subsets(train, "utterances", 0.5, random.Random(0))
+    assert sorted(row["extra"]["event"]["recording"] for row in half) == sorted(by_recording)  # one of each's two
+    assert len(subsets(train, "utterances", 0.75, random.Random(0))) == len(by_recording) * math.ceil(0.75 * 2)
+
+    monkeypatch.setattr(osum, "load", lambda name, **kw: summary_model)
+    monkeypatch.setattr(sys, "argv", ["event_curve.py", "--data", str(tmp_path), "--draws", "2"])
+    runpy.run_path(script, run_name="__main__")
+    printed = capsys.readouterr().out
+    assert printed.startswith("16 training utterances of 8 recordings; test: 4 utterances; locator on block 1")
+    for axis in ("recordings", "utterances"):
+        assert f"| {axis} | 1 | 8 | 16 | {head.cv_accuracy:.1%} | {accuracy:.1%} |" in printed
+        assert sum(line.startswith(f"| {axis} | ") for line in printed.splitlines()) == 5
