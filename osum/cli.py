@@ -226,6 +226,29 @@ def _left_out(skipped: dict[str, int]) -> str:
     return f" ({reasons})" if reasons else ""
 
 
+def _head_groups(specs: list[str], fields: list[str]) -> dict[str, str]:
+    """--tag-head-groups as field -> row key: a bare KEY groups every head's rows, FIELD=KEY one field's (which
+    wins over a bare KEY); each FIELD must be one --fit-tag-heads fits, and each field gets one key."""
+    common = [spec for spec in specs if "=" not in spec]
+    if len(common) > 1:
+        raise SystemExit(f"--tag-head-groups: {len(common)} keys for every head ({', '.join(common)}); give one, "
+                         "or FIELD=KEY for each field")
+    out = dict.fromkeys(fields, common[0]) if common else {}
+    named: set[str] = set()
+    for spec in specs:
+        field, sep, key = spec.partition("=")
+        if not sep:
+            continue
+        if field not in fields or not key:
+            raise SystemExit(f"--tag-head-groups {spec!r}: expected FIELD=KEY with FIELD one of the heads "
+                             f"--fit-tag-heads fits ({', '.join(fields)})")
+        if field in named:
+            raise SystemExit(f"--tag-head-groups: two keys for the {field} head")
+        named.add(field)
+        out[field] = key
+    return out
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from osum.model import checkpoint
     from osum.model.llm import torch_dtype
@@ -269,6 +292,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             if not sep or not path:
                 raise SystemExit(f"--fit-tag-heads {spec!r}: expected FIELD=LIST.jsonl, e.g. event=train_ved.jsonl")
             specs.append((field, path))
+        groups = _head_groups(args.tag_head_groups, [field for field, _ in specs])
         if args.locate_tag_head:
             paths = [path for field, path in specs if field == args.locate_tag_head]
             if not paths:
@@ -282,7 +306,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                   "shares this locator across folds)" + _left_out(loc.skipped), file=sys.stderr)
         for field, path in specs:
             fit = fit_model_head(model.eval(), field, read_eval_set(path), reg=args.tag_head_reg,
-                                 group_by=args.tag_head_groups)
+                                 group_by=groups.get(field))
             cv = "n/a (one fold)" if fit.cv_accuracy is None else f"{fit.cv_accuracy:.3f}"
             print(f"{field} head fitted on {fit.rows} utterances of {path}: training accuracy "
                   f"{fit.train_accuracy:.3f}, 5-fold accuracy {cv} (held out together: {fit.cv_groups})"
@@ -442,9 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--locator-layer", type=int, metavar="N",
                    help="the encoder block the frame locator reads, one of the summary's blocks (default: the "
                         "middle one of model.adaptor.summary_layers)")
-    p.add_argument("--tag-head-groups", metavar="KEY",
-                   help="row key (dotted, e.g. extra.event.recording) whose groups the fit's cross-validation holds out "
-                        "together; default each utterance alone")
+    p.add_argument("--tag-head-groups", action="append", default=[], metavar="[FIELD=]KEY",
+                   help="row key (dotted, e.g. extra.event.recording) whose groups the heads' cross-validation holds "
+                        "out together, for every head or, as FIELD=KEY, for one (repeatable, e.g. "
+                        "event=extra.event.recording age=speaker); default each utterance alone")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("models", help="list presets and named base models, and which load offline")

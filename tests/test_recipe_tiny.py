@@ -15,19 +15,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_recipe_training_export_eval_stages(tmp_path):
-    listing = make_dataset(tmp_path, n=16, tasks=("asr+sgc", "asr+ser", "srwt", "asr+ved"))
+    listing = make_dataset(tmp_path, n=20, tasks=("asr+sgc", "asr+ser", "srwt", "asr+ved", "asr+sap"))
     data = listing.parent
     rows = [json.loads(line) for line in listing.read_text().splitlines()]
-    # the training split's word times and events, on which the export fits the CTC word-time offsets and the
-    # event head
+    # the training split's word times, events and ages, on which the export fits the CTC word-time offsets, the
+    # event head and the age head (cross-validated by voice)
     def event(r: dict) -> dict:  # an inserted event as osum synth records it
         return {"clip": r["key"], "recording": r["key"], "span": [0.1, 0.4]}
 
-    for task, name in (("srwt", "srwt"), ("asr+ved", "ved")):
+    extra = {"ved": lambda r: {**r, "extra": {"event": event(r)}}, "sap": lambda r: {**r, "speaker": r["key"][-1]},
+             "srwt": lambda r: r}
+    for task, name in (("srwt", "srwt"), ("asr+ved", "ved"), ("asr+sap", "sap")):
         (data / f"train_synth_{name}.jsonl").write_text("".join(
-            json.dumps({**r, "extra": {"event": event(r)}} if name == "ved" else r) + "\n"
-            for r in rows if r["task"] == task))
+            json.dumps(extra[name](r)) + "\n" for r in rows if r["task"] == task))
     assert len({r["event"] for r in rows if r["task"] == "asr+ved"}) > 1
+    assert len({r["age"] for r in rows if r["task"] == "asr+sap"}) > 1
     (data / "mixture.yaml").write_text("train:\n  synth: {shards: list.jsonl}\nvalid:\n  synth: {shards: list.jsonl}\n")
     shutil.copy(listing, data / "test_synth_sgc.jsonl")
     # the valid splits as eval lists, on which the export chooses the joint CTC decoding weight
@@ -70,7 +72,8 @@ def test_recipe_training_export_eval_stages(tmp_path):
     generation = released["model"]["generation"]
     assert generation["word_times"] == "ctc" and len(generation["ctc_time_offsets"]) == 2
     assert generation["num_beams"] == 4  # beam search as the release's default decoding
-    assert released["model"]["adaptor"]["tag_heads"] == ["event"]
+    assert released["model"]["adaptor"]["tag_heads"] == ["event", "age"]
+    assert "age head fitted on 4 utterances" in proc.stderr and "held out together: speaker)" in proc.stderr
     assert released["model"]["adaptor"]["located_head"] == "event"  # the head reads where the event is
     assert "event frame locator on block" in proc.stderr
     assert generation["summary_tags"] == ["gender", "age", "event"]

@@ -145,10 +145,15 @@ def test_export_fits_a_head_and_decodes_with_it(tmp_path, summary_model, capsys,
     rows = _write_events(tmp_path, 10) if located else _write_clips(tmp_path, 10)
     data = tmp_path / "ved.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # a second head, on other rows grouped by another key: a bare --tag-head-groups KEY would not fit both
+    voiced = tmp_path / "sgc.jsonl"
+    voiced.write_text("".join(json.dumps({**r, "gender": "male" if r["event"] == "laugh" else "female",
+                                          "speaker": f"s{i % 3}"}) + "\n" for i, r in enumerate(rows)))
     source = checkpoint.save(summary_model, tmp_path / "ckpt")
     groups = "extra.event.clip" if located else "extra.clip"
     assert main(["export", str(source), "--keep-lora", "--dtype", "bfloat16", "--out", str(tmp_path / "out"),
-                 "--fit-tag-heads", f"event={data}", "--tag-head-reg", "0.001", "--tag-head-groups", groups,
+                 "--fit-tag-heads", f"event={data}", "--fit-tag-heads", f"gender={voiced}", "--tag-head-reg", "0.001",
+                 "--tag-head-groups", f"event={groups}", "--tag-head-groups", "gender=speaker",
                  *(["--locate-tag-head", "event"] if located else [])]) == 0
     from safetensors import safe_open
 
@@ -157,13 +162,14 @@ def test_export_fits_a_head_and_decodes_with_it(tmp_path, summary_model, capsys,
     assert dtypes["summary.heads.event.weight"] == "F32" and dtypes["summary.proj.weight"] == "BF16"
     assert dtypes.get("summary.locator.weight") == ("F32" if located else None)
     err = capsys.readouterr().err
-    assert "event head fitted on 10 utterances" in err and f"held out together: {groups}" in err
+    assert "event head fitted on 10 utterances" in err and f"held out together: {groups})" in err
+    assert "gender head fitted on 10 utterances" in err and "held out together: speaker)" in err
     assert ("event frame locator on block 1, fitted on" in err) == located
     model_cfg = json.loads((tmp_path / "out" / "config.json").read_text())["model"]
-    assert model_cfg["adaptor"]["tag_heads"] == ["event"]
+    assert model_cfg["adaptor"]["tag_heads"] == ["event", "gender"]
     assert (model_cfg["adaptor"]["located_head"], model_cfg["adaptor"]["locator_layer"]) == (
         ("event", 1) if located else (None, None))
-    assert model_cfg["generation"]["summary_tags"] == ["event"]
+    assert model_cfg["generation"]["summary_tags"] == ["event", "gender"]
     exported = checkpoint.load(tmp_path / "out").eval()
     results = Engine(exported, max_batch_size=4).run([r["audio"] for r in rows], task="asr+ved")
     assert [r["labels"]["event"] for r in results] == [r["event"] for r in rows]
@@ -171,9 +177,24 @@ def test_export_fits_a_head_and_decodes_with_it(tmp_path, summary_model, capsys,
         main(["export", str(source), "--out", str(tmp_path / "x"), "--fit-tag-heads", str(data)])
     with pytest.raises(SystemExit, match="--fit-tag-heads event=LIST"):
         main(["export", str(source), "--out", str(tmp_path / "x"), "--locate-tag-head", "event"])
+    for groups_args, message in ((["a", "b"], "2 keys for every head"), (["age=speaker"], "one of the heads"),
+                                 (["event="], "expected FIELD=KEY"), (["event=a", "event=b"], "two keys for the event")):
+        with pytest.raises(SystemExit, match=message):
+            main(["export", str(source), "--out", str(tmp_path / "x"), "--fit-tag-heads", f"event={data}",
+                  *(arg for key in groups_args for arg in ("--tag-head-groups", key))])
     with pytest.raises(SystemExit, match="no --fit-tag-heads gender="):
         main(["export", str(source), "--out", str(tmp_path / "x"), "--locate-tag-head", "gender",
               "--fit-tag-heads", f"event={data}"])
+
+
+def test_head_groups_give_each_head_its_key():
+    from osum.cli import _head_groups
+
+    assert _head_groups([], ["event", "age"]) == {}
+    assert _head_groups(["extra.event.recording"], ["event"]) == {"event": "extra.event.recording"}
+    assert _head_groups(["key", "age=speaker"], ["event", "age"]) == {"event": "key", "age": "speaker"}
+    assert _head_groups(["age=speaker", "event=extra.event.recording"], ["event", "age"]) == {
+        "event": "extra.event.recording", "age": "speaker"}
 
 
 def test_event_pooling_script_matches_the_heads_fit(tmp_path, summary_model, monkeypatch, capsys):

@@ -74,13 +74,17 @@ if run_stage 6; then
   fit=(--generation "num_beams=${BEAMS:-4}")
   # srwt word times from the CTC alignment, its offsets fitted on the training split's word times
   if [ -f "$DATA/train_synth_srwt.jsonl" ]; then fit+=(--fit-word-times "$DATA/train_synth_srwt.jsonl"); fi
-  # A model with a voice summary (a non-empty summary_layers list in its config) reads gender and age off it,
-  # and vocal events off a linear head fitted on the training split's event utterances, over statistics pooled
+  # A model with a voice summary (a non-empty summary_layers list in its config) reads gender off it, age off a
+  # linear head over its statistics fitted on the training split's age utterances (cross-validated by voice), and
+  # vocal events off a linear head fitted on the training split's event utterances, over statistics pooled
   # where a frame locator (fitted first, on the inserted events' spans) hears the event; its cross-validation
   # holds each event recording's utterances out together (two packs may share one under two names).
   if [ -f "$DATA/train_synth_ved.jsonl" ] && grep -q '"summary_layers": \[$' "$EXP/stage$FINAL/final/config.json"; then
     fit+=(--generation "summary_tags=[gender,age]" --fit-tag-heads "event=$DATA/train_synth_ved.jsonl"
-          --tag-head-groups extra.event.recording)
+          --tag-head-groups event=extra.event.recording)
+    if [ -f "$DATA/train_synth_sap.jsonl" ]; then
+      fit+=(--fit-tag-heads "age=$DATA/train_synth_sap.jsonl" --tag-head-groups age=speaker)
+    fi
     # (the locator needs the events' spans, which osum synth records; a corpus without them gets the plain head)
     if grep -q '"span"' "$DATA/train_synth_ved.jsonl"; then fit+=(--locate-tag-head event); fi
   fi
