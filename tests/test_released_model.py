@@ -42,8 +42,8 @@ def test_released_name_resolves_home_first_then_checkout(tmp_path, monkeypatch):
 
 
 def test_release_holds_only_the_trained_parts_in_bf16_under_60_mb():
-    """Base models by name; adaptor, layer mix, summary (with its event head and frame locator), LoRA and speech
-    embeddings."""
+    """Base models by name; adaptor, layer mix, summary (with its event and age heads and the event's frame
+    locator), LoRA and speech embeddings."""
     meta = json.loads((RELEASE / CONFIG_FILE).read_text())
     assert meta["stored_groups"] == ["adaptor", "speech_embeds", "layer_mix", "summary", "lora"]
     model = meta["model"]
@@ -53,12 +53,12 @@ def test_release_holds_only_the_trained_parts_in_bf16_under_60_mb():
     with safe_open(str(RELEASE / WEIGHTS_FILE), framework="pt") as f:
         keys = list(f.keys())
         assert {group_of(k) for k in keys} == {"adaptor", "speech_embeds", "layer_mix", "summary", "lora"}
-        # bf16 but the fitted event head and its frame locator, which keep float32 (checkpoint._keep_fp32)
-        fitted = {"summary.heads.event.weight", "summary.heads.event.bias", "summary.locator.weight",
-                  "summary.locator.bias"}
+        # bf16 but the fitted heads and the frame locator, which keep float32 (checkpoint._keep_fp32)
+        fitted = {"summary.heads.event.weight", "summary.heads.event.bias", "summary.heads.age.weight",
+                  "summary.heads.age.bias", "summary.locator.weight", "summary.locator.bias"}
         assert {k for k in keys if str(f.get_slice(k).get_dtype()) != "BF16"} == fitted
         assert all(str(f.get_slice(k).get_dtype()) == "F32" for k in fitted)
-    assert model["adaptor"]["tag_heads"] == ["event"]
+    assert model["adaptor"]["tag_heads"] == ["event", "age"]
     assert (model["adaptor"]["located_head"], model["adaptor"]["locator_layer"]) == ("event", 2)
     assert model["generation"]["summary_tags"] == ["gender", "age", "event"]
     assert model["generation"]["ctc_weight"] == 0.5  # joint CTC decoding, chosen on the valid split (model card)
