@@ -256,6 +256,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.locator_layer is not None and not args.locate_tag_head:
         raise SystemExit("--locator-layer: the block of a frame locator, which only --locate-tag-head FIELD fits")
+    if args.tag_head_groups and not args.fit_tag_heads:
+        raise SystemExit("--tag-head-groups: groups the cross-validation of the heads --fit-tag-heads FIELD=LIST.jsonl "
+                         "fits; none is given")
     if args.locate_tag_head and not args.fit_tag_heads:
         raise SystemExit(f"--locate-tag-head {args.locate_tag_head}: give that field's list with --fit-tag-heads "
                          f"{args.locate_tag_head}=LIST.jsonl (its rows' extra.{args.locate_tag_head}.span)")

@@ -182,6 +182,8 @@ def test_export_fits_a_head_and_decodes_with_it(tmp_path, summary_model, capsys,
         with pytest.raises(SystemExit, match=message):
             main(["export", str(source), "--out", str(tmp_path / "x"), "--fit-tag-heads", f"event={data}",
                   *(arg for key in groups_args for arg in ("--tag-head-groups", key))])
+    with pytest.raises(SystemExit, match="none is given"):
+        main(["export", str(source), "--out", str(tmp_path / "x"), "--tag-head-groups", "speaker"])
     with pytest.raises(SystemExit, match="no --fit-tag-heads gender="):
         main(["export", str(source), "--out", str(tmp_path / "x"), "--locate-tag-head", "gender",
               "--fit-tag-heads", f"event={data}"])
