@@ -10,7 +10,7 @@ and scored on the held-out packs' test list. Two curves, each point the mean ove
   insertions of the same recordings (more draws of level, pitch and position) would bring.
 
 The full set is the released fit, so its point must match the model card's test figure. Each utterance's
-encoder blocks are computed once and reused by every fit (about 4 min, then 1-2 min a point):
+encoder blocks are computed once and reused by every fit (10 min in all on 2 CPU cores):
 
     python recipes/osum-tiny/event_curve.py --model osum-tiny --data data/osum-tiny
 """
@@ -23,6 +23,7 @@ import math
 import random
 from collections import defaultdict
 from pathlib import Path
+from statistics import mean
 
 import torch
 from torch import nn
@@ -66,13 +67,22 @@ def subsets(train: list[dict], axis: str, fraction: float, rng: random.Random) -
     by_recording: dict[str, list[dict]] = defaultdict(list)
     for row in train:
         by_recording[row["extra"]["event"]["recording"]].append(row)
-    keep = lambda items: rng.sample(items, max(1, math.ceil(fraction * len(items))))  # noqa: E731
+
+    def keep(items: list) -> list:
+        return rng.sample(items, max(1, math.ceil(fraction * len(items))))
+
     if axis == "utterances":
         return [row for rec in sorted(by_recording) for row in keep(by_recording[rec])]
     by_label: dict[str, list[str]] = defaultdict(list)
     for rec, rows in sorted(by_recording.items()):
         by_label[rows[0][FIELD]].append(rec)
     return [row for label in sorted(by_label) for rec in keep(by_label[label]) for row in by_recording[rec]]
+
+
+def read_rows(data: Path, name: str) -> list[dict]:
+    """An `osum synth` list with each row's audio path made absolute."""
+    rows = map(json.loads, (data / name).read_text().splitlines())
+    return [{**row, "audio": str(data / row["audio"])} for row in rows]
 
 
 def main() -> None:
@@ -88,34 +98,33 @@ def main() -> None:
     if model.config.adaptor.located_head != FIELD or model.summary.locator is None:
         raise SystemExit(f"{args.model}: no frame locator for {FIELD} (osum export --locate-tag-head {FIELD})")
     layer = model.config.adaptor.locator_layer
-    read = lambda name: [{**r, "audio": str(data / r["audio"])}  # noqa: E731
-                         for r in map(json.loads, (data / name).read_text().splitlines())]
-    train, test = read("train_synth_ved.jsonl"), read("test_synth_ved.jsonl")
-    vocab = tasks.LABELS[FIELD]
-    y_test = torch.tensor([vocab.index(r[FIELD]) for r in test])
+    train, test = read_rows(data, "train_synth_ved.jsonl"), read_rows(data, "test_synth_ved.jsonl")
+    y_test = torch.tensor([tasks.LABELS[FIELD].index(r[FIELD]) for r in test])
     cache_encoder(model)
-    recordings = len({r["extra"]["event"]["recording"] for r in train})
-    print(f"{len(train)} training utterances of {recordings} recordings; test: {len(test)} utterances; "
+
+    def point(rows: list[dict]) -> tuple[float | None, float, int, int]:
+        """Locator and head fitted on `rows`: (recording-held-out accuracy, test accuracy, recordings, rows)."""
+        fit_locator(model, FIELD, rows, layer=layer, reg=args.reg)
+        head = fit_model_head(model, FIELD, rows, reg=args.reg, group_by=GROUP)
+        x_test = torch.stack(pooled_stats(model, test, located=True))
+        accuracy = float(((x_test @ head.weight.T + head.bias).argmax(-1) == y_test).float().mean())
+        return head.cv_accuracy, accuracy, len({r["extra"]["event"]["recording"] for r in rows}), len(rows)
+
+    full = point(train)  # both curves end here
+    print(f"{len(train)} training utterances of {full[2]} recordings; test: {len(test)} utterances; "
           f"locator on block {layer}; L2 {args.reg}; {args.draws} draws a point\n", flush=True)
     print("| kept | fraction | recordings | utterances | recording-held-out accuracy | test packs |")
     print("|---|---|---|---|---|---|", flush=True)
     for axis in ("recordings", "utterances"):
         for fraction in FRACTIONS:
-            draws = 1 if fraction == 1.0 else args.draws
-            cvs, accs, sizes = [], [], []
-            for draw in range(draws):
-                rows = subsets(train, axis, fraction, random.Random(f"{axis}/{fraction}/{draw}"))
-                fit_locator(model, FIELD, rows, layer=layer, reg=args.reg)
-                head = fit_model_head(model, FIELD, rows, reg=args.reg, group_by=GROUP)
-                x_test = torch.stack(pooled_stats(model, test, located=True))
-                accs.append(float(((x_test @ head.weight.T + head.bias).argmax(-1) == y_test).float().mean()))
-                cvs.append(head.cv_accuracy)
-                sizes.append((len({r["extra"]["event"]["recording"] for r in rows}), len(rows)))
-            mean = lambda v: sum(v) / len(v)  # noqa: E731
-            spread = f" ± {(max(accs) - min(accs)) / 2:.1%}" if draws > 1 else ""
-            cv = f"{mean(cvs):.1%}" if all(c is not None for c in cvs) else "–"
-            print(f"| {axis} | {fraction:g} | {mean([s[0] for s in sizes]):.0f} | {mean([s[1] for s in sizes]):.0f} "
-                  f"| {cv} | {mean(accs):.1%}{spread} |", flush=True)
+            points = [full] if fraction == 1.0 else [
+                point(subsets(train, axis, fraction, random.Random(f"{axis}/{fraction}/{draw}")))
+                for draw in range(args.draws)]
+            cvs, accs, recordings, rows = zip(*points)
+            spread = f" ± {(max(accs) - min(accs)) / 2:.1%}" if len(points) > 1 else ""
+            cv = f"{mean(cvs):.1%}" if None not in cvs else "–"
+            print(f"| {axis} | {fraction:g} | {mean(recordings):.0f} | {mean(rows):.0f} | {cv} | "
+                  f"{mean(accs):.1%}{spread} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -79,14 +79,16 @@ if run_stage 6; then
   # vocal events off a linear head fitted on the training split's event utterances, over statistics pooled
   # where a frame locator (fitted first, on the inserted events' spans) hears the event; its cross-validation
   # holds each event recording's utterances out together (two packs may share one under two names).
-  if [ -f "$DATA/train_synth_ved.jsonl" ] && grep -q '"summary_layers": \[$' "$EXP/stage$FINAL/final/config.json"; then
-    fit+=(--generation "summary_tags=[gender,age]" --fit-tag-heads "event=$DATA/train_synth_ved.jsonl"
-          --tag-head-groups event=extra.event.recording)
+  if grep -q '"summary_layers": \[$' "$EXP/stage$FINAL/final/config.json"; then
+    fit+=(--generation "summary_tags=[gender,age]")
+    if [ -f "$DATA/train_synth_ved.jsonl" ]; then
+      fit+=(--fit-tag-heads "event=$DATA/train_synth_ved.jsonl" --tag-head-groups event=extra.event.recording)
+      # (the locator needs the events' spans, which osum synth records; a corpus without them gets the plain head)
+      if grep -q '"span"' "$DATA/train_synth_ved.jsonl"; then fit+=(--locate-tag-head event); fi
+    fi
     if [ -f "$DATA/train_synth_sap.jsonl" ]; then
       fit+=(--fit-tag-heads "age=$DATA/train_synth_sap.jsonl" --tag-head-groups age=speaker)
     fi
-    # (the locator needs the events' spans, which osum synth records; a corpus without them gets the plain head)
-    if grep -q '"span"' "$DATA/train_synth_ved.jsonl"; then fit+=(--locate-tag-head event); fi
   fi
   # joint CTC/LLM decoding of transcripts, its weight chosen on the valid splits, synthetic and real, pooled
   # (0 when CTC does not help there), decoding them as the exported model will (with BEAMS beams)
