@@ -369,6 +369,30 @@ def test_frame_locator_errors_name_what_is_wrong(tmp_path, summary_model):
         main(["export", "x", "--out", str(tmp_path / "x"), "--locator-layer", "1"])
 
 
+def _fitted_event_lists(folder, model) -> tuple[list[dict], list[dict], object, float]:
+    """Event utterances written as an `osum synth` folder's train and test lists (2 utterances of each label a
+    recording), `model`'s locator and event head fitted on the training list as the export fits them, and the
+    head's test accuracy: (train, test, head fit, test accuracy)."""
+    from pathlib import Path
+
+    from osum.model.tag_heads import fit_locator
+
+    rows = _write_events(folder, 20)
+    for i, row in enumerate(rows):
+        row["extra"]["event"]["recording"] = f"rec{i // 4}-{row['event']}"  # 2 utterances of each label a recording
+    rows.sort(key=lambda r: r["extra"]["event"]["recording"])
+    train, test = rows[:16], rows[16:]
+    for name, part in (("train", train), ("test", test)):
+        (folder / f"{name}_synth_ved.jsonl").write_text(
+            "".join(json.dumps({**r, "audio": Path(r["audio"]).name}) + "\n" for r in part))
+    fit_locator(model, "event", train, layer=1)
+    head = fit_model_head(model, "event", train, group_by="extra.event.recording")
+    y_test = torch.tensor([tasks.LABELS["event"].index(r["event"]) for r in test])
+    accuracy = float(((torch.stack(pooled_stats(model, test, located=True)) @ head.weight.T + head.bias)
+                      .argmax(-1) == y_test).float().mean())
+    return train, test, head, accuracy
+
+
 def test_event_curve_script_refits_the_locator_and_head_on_each_subset(tmp_path, summary_model, monkeypatch,
                                                                        capsys):
     """recipes/osum-tiny/event_curve.py: its full-set points are the export's own fit (locator, then head) scored
@@ -381,21 +405,8 @@ def test_event_curve_script_refits_the_locator_and_head_on_each_subset(tmp_path,
     from pathlib import Path
 
     import osum
-    from osum.model.tag_heads import fit_locator
 
-    rows = _write_events(tmp_path, 20)
-    for i, row in enumerate(rows):
-        row["extra"]["event"]["recording"] = f"rec{i // 4}-{row['event']}"  # 2 utterances of each label a recording
-    rows.sort(key=lambda r: r["extra"]["event"]["recording"])
-    train, test = rows[:16], rows[16:]
-    for name, part in (("train", train), ("test", test)):
-        (tmp_path / f"{name}_synth_ved.jsonl").write_text(
-            "".join(json.dumps({**r, "audio": Path(r["audio"]).name}) + "\n" for r in part))
-    fit_locator(summary_model, "event", train, layer=1)
-    head = fit_model_head(summary_model, "event", train, group_by="extra.event.recording")
-    y_test = torch.tensor([tasks.LABELS["event"].index(r["event"]) for r in test])
-    accuracy = float(((torch.stack(pooled_stats(summary_model, test, located=True)) @ head.weight.T + head.bias)
-                      .argmax(-1) == y_test).float().mean())
+    train, _, head, accuracy = _fitted_event_lists(tmp_path, summary_model)
     script = str(Path(__file__).resolve().parents[1] / "recipes" / "osum-tiny" / "event_curve.py")
 
     subsets = runpy.run_path(script)["subsets"]
@@ -418,3 +429,55 @@ def test_event_curve_script_refits_the_locator_and_head_on_each_subset(tmp_path,
     for axis in ("recordings", "utterances"):
         assert f"| {axis} | 1 | 8 | 16 | {head.cv_accuracy:.1%} | {accuracy:.1%} |" in printed
         assert sum(line.startswith(f"| {axis} | ") for line in printed.splitlines()) == 5
+
+
+def test_event_sources_script_adds_inserted_clips_to_the_heads_fit(tmp_path, summary_model, monkeypatch, capsys):
+    """recipes/osum-tiny/event_sources.py: new clips are inserted into training speech with their spans and a
+    group of their own; its row without them is the export's own fit (held out by recording, and on test), and
+    it prints a row for each label's clips and for all of them; bad --clips are refused by name."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    import osum
+    from osum.data.synth import effects
+
+    _, _, head, accuracy = _fitted_event_lists(tmp_path, summary_model)
+    t = np.arange(16000 * 2) / 16000
+    sf.write(tmp_path / "speech.wav", (0.1 * np.sin(2 * np.pi * 180 * t)).astype(np.float32), 16000)
+    speech = {"key": "s", "audio": "speech.wav", "words": [{"word": "one", "start": 0.2, "end": 0.8},
+                                                           {"word": "two", "start": 1.1, "end": 1.7}]}
+    (tmp_path / "train_synth_srwt.jsonl").write_text(json.dumps(speech) + "\n")
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    k = np.arange(int(16000 * 0.3)) / 16000
+    for i, hz in enumerate((2200, 2700)):
+        sf.write(clips / f"tone{i}.wav", (0.5 * np.sin(2 * np.pi * hz * k)).astype(np.float32), 16000)
+    sf.write(clips / "noise0.wav", (0.5 * np.random.default_rng(0).standard_normal(len(k))).astype(np.float32), 16000)
+    script = str(Path(__file__).resolve().parents[1] / "recipes" / "osum-tiny" / "event_sources.py")
+
+    ns = runpy.run_path(script)
+    out = tmp_path / "made"
+    out.mkdir()
+    made = ns["insert_clips"]({"laugh": [str(clips / "tone0.wav")]}, [{**speech, "audio": str(tmp_path / "speech.wav")}],
+                              3, out, 0)
+    assert [r["event"] for r in made] == ["laugh"] * 3
+    assert {r["extra"]["event"]["recording"] for r in made} == {f"extra/{effects.clip_digest(clips / 'tone0.wav')}"}
+    for r in made:
+        start, end = r["extra"]["event"]["span"]
+        assert 0 <= start < end <= sf.info(r["audio"]).duration and 0.2 < end - start < 0.45  # the clip, pitch moved
+    for bad, why in (("bark=*.wav", "not an event label"), (f"laugh={clips}/none*.wav", "no file matches"),
+                     ("laugh", "expected LABEL=GLOB")):
+        with pytest.raises(SystemExit, match=why):
+            ns["parse_clips"]([bad])
+
+    monkeypatch.setattr(osum, "load", lambda name, **kw: summary_model)
+    monkeypatch.setattr(sys, "argv", ["event_sources.py", "--data", str(tmp_path), "--per", "3",
+                                      "--clips", f"laugh={clips}/tone*.wav", "--clips", f"cough={clips}/noise*.wav"])
+    runpy.run_path(script, run_name="__main__")
+    printed = capsys.readouterr().out
+    assert printed.startswith("16 training utterances of 8 recordings; test: 4; new: 1 cough clips, 2 laugh clips, "
+                              "3 utterances each")
+    assert f"| nothing | 0 | 0 | {head.cv_accuracy:.1%} | {accuracy:.1%} |" in printed
+    for name, recordings, utterances in (("cough", 1, 3), ("laugh", 2, 6), ("all", 3, 9)):
+        assert f"| {name} | {recordings} | {utterances} | " in printed
