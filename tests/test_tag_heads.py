@@ -57,6 +57,20 @@ def test_grouped_cross_validation_exposes_memorised_groups():
     assert cross_validate(x, y, ["one"] * len(groups), 2) is None  # one fold: nothing to hold out
 
 
+def test_cross_validation_scores_only_the_rows_asked():
+    """Rows added with random labels are fitted on but, outside `scored`, never counted: the clusters are still
+    read right, where scoring every row counts the added rows' misses too."""
+    x, y = _clusters(90, seed=1)
+    noise_x, _ = _clusters(60, seed=4)
+    noise_y = torch.randint(0, 3, (60,), generator=torch.Generator().manual_seed(5))
+    xs, ys = torch.cat([x, noise_x]), torch.cat([y, noise_y])
+    groups = [str(i) for i in range(len(ys))]
+    scored = torch.arange(len(ys)) < len(y)
+    every = torch.ones(90, dtype=torch.bool)
+    assert cross_validate(x, y, groups[:90], 3) == cross_validate(x, y, groups[:90], 3, scored=every)
+    assert cross_validate(xs, ys, groups, 3, scored=scored) > 0.9 > cross_validate(xs, ys, groups, 3)
+
+
 def _write_clips(folder, n: int) -> list[dict]:
     """Clips of two kinds the tiny encoder tells apart: low tones ("laugh") and noise bursts ("cough")."""
     rng = np.random.default_rng(0)
@@ -178,7 +192,8 @@ def test_export_fits_a_head_and_decodes_with_it(tmp_path, summary_model, capsys,
     with pytest.raises(SystemExit, match="--fit-tag-heads event=LIST"):
         main(["export", str(source), "--out", str(tmp_path / "x"), "--locate-tag-head", "event"])
     for groups_args, message in ((["a", "b"], "2 keys for every head"), (["age=speaker"], "one of the heads"),
-                                 (["event="], "expected FIELD=KEY"), (["event=a", "event=b"], "two keys for the event")):
+                                 (["event="], "expected FIELD=KEY"),
+                                 (["event=a", "event=b"], "two keys for the event")):
         with pytest.raises(SystemExit, match=message):
             main(["export", str(source), "--out", str(tmp_path / "x"), "--fit-tag-heads", f"event={data}",
                   *(arg for key in groups_args for arg in ("--tag-head-groups", key))])
@@ -459,7 +474,8 @@ def test_event_sources_script_adds_inserted_clips_to_the_heads_fit(tmp_path, sum
     ns = runpy.run_path(script)
     out = tmp_path / "made"
     out.mkdir()
-    made = ns["insert_clips"]({"laugh": [str(clips / "tone0.wav")]}, [{**speech, "audio": str(tmp_path / "speech.wav")}],
+    made = ns["insert_clips"]({"laugh": [str(clips / "tone0.wav")]},
+                              [{**speech, "audio": str(tmp_path / "speech.wav")}],
                               3, out, 0)
     assert [r["event"] for r in made] == ["laugh"] * 3
     assert {r["extra"]["event"]["recording"] for r in made} == {f"extra/{effects.clip_digest(clips / 'tone0.wav')}"}

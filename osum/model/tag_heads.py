@@ -72,7 +72,7 @@ def _fit(x: torch.Tensor, y: torch.Tensor, n_classes: int, reg: float, max_iter:
     return weight.float(), bias.float()
 
 
-def fold_of(group: str, folds: int) -> int:
+def _fold(group: str, folds: int) -> int:
     """The cross-validation fold of a group: a hash of its name, so a group's fold is the same in every run."""
     return int(hashlib.sha256(group.encode("utf-8")).hexdigest(), 16) % folds
 
@@ -87,17 +87,21 @@ def _lookup(row: dict, dotted: str) -> str | None:
 
 
 def cross_validate(x: torch.Tensor, y: torch.Tensor, groups: Sequence[str], n_classes: int, reg: float = 1e-2,
-                   folds: int = 5) -> float | None:
-    """Accuracy on each fold of a fit on the others, every group in one fold (by a hash of its name)."""
-    fold = torch.tensor([fold_of(g, folds) for g in groups])
+                   folds: int = 5, scored: torch.Tensor | None = None) -> float | None:
+    """Accuracy on each fold of a fit on the others, every group in one fold (by a hash of its name). `scored`
+    (a bool mask over the rows): only those rows are scored; the others are fitted on in every fold they are not
+    in, e.g. added data whose effect on the original rows is the question."""
+    fold = torch.tensor([_fold(g, folds) for g in groups])
     if len(set(fold.tolist())) < 2:
         return None
+    scored = torch.ones(len(y), dtype=torch.bool) if scored is None else scored
     right = 0
     for k in sorted(set(fold.tolist())):
         held = fold == k
         weight, bias = fit_linear(x[~held], y[~held], n_classes, reg)
+        held = held & scored
         right += int(((x[held] @ weight.T + bias).argmax(-1) == y[held]).sum())
-    return right / len(y)
+    return right / int(scored.sum())
 
 
 def _batches(model, rows: Sequence[dict], batch_size: int, window: int):

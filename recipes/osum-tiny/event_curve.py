@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import random
 from collections import defaultdict
@@ -30,6 +29,7 @@ from torch import nn
 
 import osum
 from osum import tasks
+from osum.evaluate.run import read_eval_set
 from osum.model.tag_heads import fit_locator, fit_model_head, pooled_stats
 
 FRACTIONS = (0.125, 0.25, 0.5, 0.75, 1.0)
@@ -79,12 +79,6 @@ def subsets(train: list[dict], axis: str, fraction: float, rng: random.Random) -
     return [row for label in sorted(by_label) for rec in keep(by_label[label]) for row in by_recording[rec]]
 
 
-def read_rows(data: Path, name: str) -> list[dict]:
-    """An `osum synth` list with each row's audio path made absolute."""
-    rows = map(json.loads, (data / name).read_text().splitlines())
-    return [{**row, "audio": str(data / row["audio"])} for row in rows]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="osum-tiny", help="a model with a located event head (osum export "
@@ -98,7 +92,7 @@ def main() -> None:
     if model.config.adaptor.located_head != FIELD or model.summary.locator is None:
         raise SystemExit(f"{args.model}: no frame locator for {FIELD} (osum export --locate-tag-head {FIELD})")
     layer = model.config.adaptor.locator_layer
-    train, test = read_rows(data, "train_synth_ved.jsonl"), read_rows(data, "test_synth_ved.jsonl")
+    train, test = read_eval_set(data / "train_synth_ved.jsonl"), read_eval_set(data / "test_synth_ved.jsonl")
     y_test = torch.tensor([tasks.LABELS[FIELD].index(r[FIELD]) for r in test])
     cache_encoder(model)
 

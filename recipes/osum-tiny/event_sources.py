@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import random
 import tempfile
 from collections import Counter
@@ -35,7 +34,8 @@ import osum
 from osum import audio as A
 from osum import tasks
 from osum.data.synth import effects
-from osum.model.tag_heads import fit_linear, fold_of, pooled_stats
+from osum.evaluate.run import read_eval_set
+from osum.model.tag_heads import cross_validate, fit_linear, pooled_stats
 
 FIELD = "event"
 GROUP = "recording"
@@ -77,11 +77,10 @@ def parse_clips(specs: list[str]) -> dict[str, list[str]]:
 
 
 def read_rows(data: Path, name: str) -> list[dict]:
-    """An `osum synth` list with each row's audio path made absolute."""
-    path = data / name
-    if not path.is_file():
-        raise SystemExit(f"{path}: not found (build the corpus first: recipe stage 1)")
-    return [{**row, "audio": str(data / row["audio"])} for row in map(json.loads, path.read_text().splitlines())]
+    """An `osum synth` list (read_eval_set: audio paths made absolute), or a clear exit when it is missing."""
+    if not (data / name).is_file():
+        raise SystemExit(f"{data / name}: not found (build the corpus first: recipe stage 1)")
+    return read_eval_set(data / name)
 
 
 def insert_clips(clips: dict[str, list[str]], speech: list[dict], per: int, out: Path, seed: int) -> list[dict]:
@@ -95,8 +94,10 @@ def insert_clips(clips: dict[str, list[str]], speech: list[dict], per: int, out:
                 plan = effects.draw_event(rng, {label: [path]}, label)
                 row = rng.choice(speech)
                 words = [tasks.Word(w["word"], w["start"], w["end"]) for w in row["words"]]
-                ins = effects.insert_event(A.load_audio(row["audio"]), words, effects.load_clip(path, plan.pitch_st), plan)
-                wav = effects.add_noise(ins.wav, np.random.default_rng(rng.getrandbits(32)), rng.uniform(-68.0, -50.0))
+                clip = effects.load_clip(path, plan.pitch_st)
+                ins = effects.insert_event(A.load_audio(row["audio"]), words, clip, plan)
+                noise = np.random.default_rng(rng.getrandbits(32))
+                wav = effects.add_noise(ins.wav, noise, rng.uniform(*effects.NOISE_DBFS_RANGE))
                 wav, _ = effects.limit(wav)
                 key = f"extra-{digest}-{k:02d}"
                 sf.write(out / f"{key}.flac", wav, effects.SAMPLE_RATE)
@@ -106,21 +107,15 @@ def insert_clips(clips: dict[str, list[str]], speech: list[dict], per: int, out:
 
 
 def score(x: torch.Tensor, y: torch.Tensor, groups: list[str], scored: int, x_test: torch.Tensor,
-          y_test: torch.Tensor, reg: float, folds: int = 5) -> tuple[float, float, Counter]:
+          y_test: torch.Tensor, reg: float) -> tuple[float, float, Counter]:
     """A head fitted on (x, y): (accuracy held out by group on the first `scored` rows, test accuracy, test
     errors as (label, heard) counts). Rows past `scored` (the new clips) are fitted on, never scored."""
-    fold = torch.tensor([fold_of(g, folds) for g in groups])
-    right = 0
-    for k in sorted(set(fold.tolist())):
-        held = fold == k
-        weight, bias = fit_linear(x[~held], y[~held], len(tasks.LABELS[FIELD]), reg)
-        held[scored:] = False
-        right += int(((x[held] @ weight.T + bias).argmax(-1) == y[held]).sum())
-    weight, bias = fit_linear(x, y, len(tasks.LABELS[FIELD]), reg)
-    heard = (x_test @ weight.T + bias).argmax(-1)
     vocab = tasks.LABELS[FIELD]
+    held_out = cross_validate(x, y, groups, len(vocab), reg, scored=torch.arange(len(y)) < scored)
+    weight, bias = fit_linear(x, y, len(vocab), reg)
+    heard = (x_test @ weight.T + bias).argmax(-1)
     errors = Counter((vocab[a], vocab[b]) for a, b in zip(y_test.tolist(), heard.tolist()) if a != b)
-    return right / scored, float((heard == y_test).float().mean()), errors
+    return held_out, float((heard == y_test).float().mean()), errors
 
 
 def main() -> None:

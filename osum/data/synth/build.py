@@ -182,7 +182,7 @@ def _job(rng: random.Random, key: str, split: str, family: str, voice: Voice, se
         "labels": {k: v for k, v in labels.items() if v is not None},
         "prosody": prosody.to_dict(), "event": event,
         "level_db": round(effects.TARGET_DBFS + rng.uniform(-2.0, 2.0), 2),
-        "noise_db": round(rng.uniform(-68.0, -50.0), 2), "seed": rng.getrandbits(32),
+        "noise_db": round(rng.uniform(*effects.NOISE_DBFS_RANGE), 2), "seed": rng.getrandbits(32),
     }
 
 

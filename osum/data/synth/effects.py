@@ -313,6 +313,10 @@ def insert_event(speech: np.ndarray, words: list[tasks.Word] | None, clip: np.nd
     return Inserted(wav, moved, span, how)
 
 
+# The noise floor's level range (dBFS) a synthesised utterance draws from.
+NOISE_DBFS_RANGE = (-68.0, -50.0)
+
+
 def add_noise(wav: np.ndarray, rng: np.random.Generator, dbfs: float) -> np.ndarray:
     """A faint noise floor (TTS output is digitally silent between words; real recordings never are)."""
     return (wav + rng.standard_normal(len(wav)).astype(np.float32) * 10 ** (dbfs / 20)).astype(np.float32)
