@@ -497,3 +497,67 @@ def test_event_sources_script_adds_inserted_clips_to_the_heads_fit(tmp_path, sum
     assert f"| nothing | 0 | 0 | {head.cv_accuracy:.1%} | {accuracy:.1%} |" in printed
     for name, recordings, utterances in (("cough", 1, 3), ("laugh", 2, 6), ("all", 3, 9)):
         assert f"| {name} | {recordings} | {utterances} | " in printed
+
+
+def test_event_finetune_script_crops_at_the_locator_and_trains_copies_of_the_later_blocks(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """recipes/osum-tiny/event_finetune.py: each crop holds the utterance's highest locator weight and the
+    released head's statistics bit for bit; a trained reader lowers its loss, changes its copy of the last block
+    and never the model's, and is the same on a second run; its first row is the export's own fit; a --tune past
+    the encoder's blocks is refused by name."""
+    import runpy
+    import sys
+    from argparse import Namespace
+    from pathlib import Path
+
+    import osum
+    from osum.model.speech_llm import SpeechLLM
+
+    torch.manual_seed(0)
+    model = SpeechLLM(tiny_config("adaptor.summary_layers=[0,1]", "encoder.num_layers=3")).eval()
+    train, _, head, accuracy = _fitted_event_lists(tmp_path, model)
+    script = str(Path(__file__).resolve().parents[1] / "recipes" / "osum-tiny" / "event_finetune.py")
+    ns = runpy.run_path(script)
+
+    crops = ns["crop_rows"](model, train, window=5)
+    assert torch.equal(crops.released, torch.stack(pooled_stats(model, train, located=True)))
+    assert crops.frames.shape[:2] == crops.weights.shape == crops.valid.shape and crops.frames.shape[1] <= 11
+    for i, row in enumerate(train):
+        mel = log_mel_spectrogram(load_audio(row["audio"]), n_mels=model.config.audio.n_mels).T
+        with torch.no_grad():
+            _, lens, hidden = model.encoder.forward_layers(mel[None], torch.tensor([mel.shape[0]]), [0, 1])
+            w = model.summary.frame_weights(hidden, lens)[0]
+        peak = int(w.argmax())
+        first, last = max(0, peak - 5), min(len(w), peak + 6)
+        assert int(crops.valid[i].sum()) == last - first
+        torch.testing.assert_close(crops.frames[i, :last - first], hidden[1][0, first:last], rtol=0, atol=1e-5)
+        torch.testing.assert_close(crops.weights[i, :last - first], w[first:last], rtol=0, atol=1e-5)
+
+    later = list(model.encoder.layers)[2:]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    y = torch.tensor([tasks.LABELS["event"].index(r["event"]) for r in train])
+    args = Namespace(seed=0, dropout=0.0, head_lr=1e-2, block_lr=1e-3, weight_decay=0.0, batch=4, epochs=8)
+    inputs = ns["frozen_outputs"](later, crops, 0)
+    rows = torch.arange(len(y))
+    reader, losses = ns["train_reader"](later, 1, inputs, crops, y, rows, args, len(tasks.LABELS["event"]))
+    assert losses[-1] < 0.5 * losses[0]
+    assert not torch.equal(reader.tuned[0].fc1.weight, later[0].fc1.weight)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    again, _ = ns["train_reader"](later, 1, inputs, crops, y, rows, args, len(tasks.LABELS["event"]))
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in reader.state_dict().items())
+    frozen, _ = ns["train_reader"](later, 0, ns["frozen_outputs"](later, crops, 1), crops, y, rows, args,
+                                   len(tasks.LABELS["event"]))
+    assert len(frozen.tuned) == 0 and all(p.requires_grad for p in reader.tuned.parameters())
+
+    monkeypatch.setattr(osum, "load", lambda name, **kw: model)
+    monkeypatch.setattr(sys, "argv", ["event_finetune.py", "--data", str(tmp_path), "--epochs", "2", "--batch", "4",
+                                      "--window", "5"])
+    runpy.run_path(script, run_name="__main__")
+    printed = capsys.readouterr().out
+    assert printed.startswith("16 training utterances of 8 recordings; test: 4; crops of 11 frames at most")
+    assert f"| 0 | {head.cv_accuracy:.1%} | {accuracy:.1%} |" in printed.splitlines()[4]
+    assert [line.split(" | ")[1] for line in printed.splitlines() if line.startswith("| crop")] == ["0", "1"]
+    monkeypatch.setattr(sys, "argv", ["event_finetune.py", "--data", str(tmp_path), "--tune", "2"])
+    with pytest.raises(SystemExit, match=r"1 encoder block\(s\) follow the locator's \(block 1\), so each count "
+                                         "must be 0 to 1"):
+        runpy.run_path(script, run_name="__main__")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,7 +72,7 @@ def _fit(x: torch.Tensor, y: torch.Tensor, n_classes: int, reg: float, max_iter:
     return weight.float(), bias.float()
 
 
-def _fold(group: str, folds: int) -> int:
+def fold_of(group: str, folds: int) -> int:
     """The cross-validation fold of a group: a hash of its name, so a group's fold is the same in every run."""
     return int(hashlib.sha256(group.encode("utf-8")).hexdigest(), 16) % folds
 
@@ -91,7 +91,7 @@ def cross_validate(x: torch.Tensor, y: torch.Tensor, groups: Sequence[str], n_cl
     """Accuracy on each fold of a fit on the others, every group in one fold (by a hash of its name). `scored`
     (a bool mask over the rows): only those rows are scored; the others are fitted on in every fold they are not
     in, e.g. added data whose effect on the original rows is the question."""
-    fold = torch.tensor([_fold(g, folds) for g in groups])
+    fold = torch.tensor([fold_of(g, folds) for g in groups])
     if len(set(fold.tolist())) < 2:
         return None
     scored = torch.ones(len(y), dtype=torch.bool) if scored is None else scored
@@ -104,7 +104,8 @@ def cross_validate(x: torch.Tensor, y: torch.Tensor, groups: Sequence[str], n_cl
     return right / int(scored.sum())
 
 
-def _batches(model, rows: Sequence[dict], batch_size: int, window: int):
+def encoder_batches(model, rows: Sequence[dict], batch_size: int, window: int
+                    ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """(row indices, padded log-mels, lengths) of the rows whose audio fits one encoder pass, read `window` rows
     at a time and batched by length within it, so memory does not grow with the list."""
     for first in range(0, len(rows), window):
@@ -125,7 +126,7 @@ def pooled_stats(model, rows: Sequence[dict], batch_size: int = 8, window: int =
     """Each row's voice-summary statistics (`SpeechLLM.summary_stats`, `located` with the frame locator's
     weights); None for audio longer than the encoder's window (the summary of a longer input is not one pass)."""
     out: list[torch.Tensor | None] = [None] * len(rows)
-    for index, padded, lens in _batches(model, rows, batch_size, window):
+    for index, padded, lens in encoder_batches(model, rows, batch_size, window):
         for i, row in zip(index, model.summary_stats(padded, lens, located=located).cpu()):
             out[i] = row
     return out
@@ -192,7 +193,7 @@ def fit_locator(model, field: str, rows: Sequence[dict], layer: int | None = Non
             spanned.append(row)
     xs, ys, kept, read = [], [], [], set()  # kept: each used row's frames and span, to score once fitted
     block = model.summary.layers.index(layer)
-    for index, padded, lens in _batches(model, spanned, batch_size=8, window=256):
+    for index, padded, lens in encoder_batches(model, spanned, batch_size=8, window=256):
         _, encoder_lens, hidden = model.encoder.forward_layers(padded, lens, model.summary.layers)
         h = F.layer_norm(hidden[block].float(), hidden[block].shape[-1:]).cpu()  # as VoiceSummary.frame_weights
         for i, frames, n in zip(index, h, encoder_lens.tolist()):
