@@ -111,6 +111,20 @@ class LayerMix(nn.Module):
         return encoder_out
 
 
+def weighted_stats(hidden: list[torch.Tensor], weights: torch.Tensor, min_count: float) -> torch.Tensor:
+    """Mean and spread of each (B, T, D) block, layer-normed, every frame weighted by (B, T) `weights` (zero on
+    padding): (B, 2 * D * blocks), float32. The weights' sum is floored at `min_count`."""
+    mask = weights[..., None]
+    count = mask.sum(1).clamp(min=min_count)
+    stats = []
+    for h in hidden:
+        h = F.layer_norm(h.float(), h.shape[-1:])
+        mean = (h * mask).sum(1) / count
+        var = (((h - mean[:, None]) ** 2) * mask).sum(1) / count
+        stats += [mean, (var + 1e-6).sqrt()]  # the epsilon keeps the gradient finite for a one-frame input
+    return torch.cat(stats, -1)
+
+
 class VoiceSummary(nn.Module):
     """One LLM position from the whole utterance: each chosen block's output, normalised per frame, pooled to
     its mean and standard deviation over the valid frames, projected to the LLM width and normalised to the
@@ -167,19 +181,12 @@ class VoiceSummary(nn.Module):
         if len(hidden) != len(self.layers):
             raise ValueError(f"VoiceSummary takes blocks {self.layers}, got {len(hidden)} hidden states")
         T = hidden[0].shape[1]
-        mask = (torch.arange(T, device=lens.device)[None, :] < lens[:, None]).float()[..., None]  # (B, T', 1)
+        weights = (torch.arange(T, device=lens.device)[None, :] < lens[:, None]).float()  # (B, T')
         if located:
-            mask = mask * self.frame_weights(hidden, lens)[..., None]
+            weights = weights * self.frame_weights(hidden, lens)
         # a frame count; located, the weights' sum, which may be far below one frame where nothing sounds like the
         # event (the weighted statistics are still those of the frames the locator weighs most)
-        count = mask.sum(1).clamp(min=torch.finfo(torch.float32).tiny if located else 1)
-        stats = []
-        for h in hidden:
-            h = F.layer_norm(h.float(), h.shape[-1:])
-            mean = (h * mask).sum(1) / count
-            var = (((h - mean[:, None]) ** 2) * mask).sum(1) / count
-            stats += [mean, (var + 1e-6).sqrt()]  # the epsilon keeps the gradient finite for a one-frame input
-        return torch.cat(stats, -1)
+        return weighted_stats(hidden, weights, min_count=torch.finfo(torch.float32).tiny if located else 1)
 
     def frame_weights(self, hidden: list[torch.Tensor], lens: torch.Tensor) -> torch.Tensor:
         """(B, T') the locator's score of each frame as a probability of belonging to the sound it was fitted on

@@ -32,6 +32,7 @@ from torch import nn
 import osum
 from osum import tasks
 from osum.evaluate.run import read_eval_set
+from osum.model.adaptor import weighted_stats
 from osum.model.tag_heads import cross_validate, encoder_batches, fit_linear, fold_of
 
 FIELD = "event"
@@ -76,19 +77,6 @@ def crop_rows(model, rows: list[dict], window: int) -> Crops:
                  nn.utils.rnn.pad_sequence(weights, batch_first=True), valid, torch.stack(released))
 
 
-def located_stats(hidden: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """Mean and spread of each (B, T, D) block, layer-normed as the voice summary pools, weighted by (B, T)
-    weights (zero on padding): (B, 2 * D * blocks)."""
-    w = weights[..., None]
-    count = w.sum(1).clamp(min=torch.finfo(torch.float32).tiny)
-    out = []
-    for h in hidden:
-        h = F.layer_norm(h, h.shape[-1:])
-        mean = (h * w).sum(1) / count
-        out += [mean, ((((h - mean[:, None]) ** 2) * w).sum(1) / count + 1e-6).sqrt()]
-    return torch.cat(out, -1)
-
-
 class CropReader(nn.Module):
     """Copies of the last `tuned` encoder blocks (the frozen ones before them run once, beforehand, in
     `frozen_outputs`) and a linear head over the located statistics of the crop's blocks."""
@@ -108,7 +96,7 @@ class CropReader(nn.Module):
         for block in self.tuned:
             x = block(x, mask)
             hidden.append(x)
-        return (located_stats(hidden, weights) - self.mean) / self.scale
+        return (weighted_stats(hidden, weights, min_count=torch.finfo(torch.float32).tiny) - self.mean) / self.scale
 
     def forward(self, frozen: list[torch.Tensor], weights: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return self.head(self.drop(self.stats(frozen, weights, valid)))
@@ -190,7 +178,7 @@ def main() -> None:
         if not (data / name).is_file():
             raise SystemExit(f"{data / name}: not found (build the corpus first: recipe stage 1)")
     model = osum.load(args.model).eval().float()
-    if (model.summary is None or model.config.adaptor.located_head != FIELD or model.summary.locator is None):
+    if model.summary is None or model.config.adaptor.located_head != FIELD or model.summary.locator is None:
         raise SystemExit(f"{args.model}: no frame locator for {FIELD} (osum export --locate-tag-head {FIELD})")
     later = list(model.encoder.layers)[model.summary.locator_layer + 1:]
     try:
