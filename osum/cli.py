@@ -249,6 +249,24 @@ def _head_groups(specs: list[str], fields: list[str]) -> dict[str, str]:
     return out
 
 
+def _head_dropout(specs: list[str], fields: list[str]) -> dict[str, float]:
+    """--tag-head-dropout FIELD=P as field -> P, each FIELD one --fit-tag-heads fits, P in (0, 1)."""
+    out: dict[str, float] = {}
+    for spec in specs:
+        field, _, share = spec.partition("=")
+        try:
+            value = float(share)
+        except ValueError:
+            value = -1.0
+        if field not in fields or not 0 < value < 1:
+            raise SystemExit(f"--tag-head-dropout {spec!r}: expected FIELD=P with FIELD one of the heads "
+                             f"--fit-tag-heads fits ({', '.join(fields)}) and P between 0 and 1")
+        if field in out:
+            raise SystemExit(f"--tag-head-dropout: two values for the {field} head")
+        out[field] = value
+    return out
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from osum.model import checkpoint
     from osum.model.llm import torch_dtype
@@ -259,6 +277,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.tag_head_groups and not args.fit_tag_heads:
         raise SystemExit("--tag-head-groups: groups the cross-validation of the heads --fit-tag-heads FIELD=LIST.jsonl "
                          "fits; none is given")
+    if args.locator_crop is not None and not args.locate_tag_head:
+        raise SystemExit("--locator-crop: the crop around a frame locator's peak, which only --locate-tag-head FIELD "
+                         "fits")
+    if args.locator_crop is not None and args.locator_crop < 1:
+        raise SystemExit(f"--locator-crop {args.locator_crop}: frames each side of the peak, at least 1")
+    if args.tag_head_dropout and not args.fit_tag_heads:
+        raise SystemExit("--tag-head-dropout: how the heads --fit-tag-heads FIELD=LIST.jsonl fits are fitted; none is "
+                         "given")
     if args.locate_tag_head and not args.fit_tag_heads:
         raise SystemExit(f"--locate-tag-head {args.locate_tag_head}: give that field's list with --fit-tag-heads "
                          f"{args.locate_tag_head}=LIST.jsonl (its rows' extra.{args.locate_tag_head}.span)")
@@ -287,30 +313,33 @@ def cmd_export(args: argparse.Namespace) -> int:
                   "on these utterances: was the model trained with ctc_weight > 0?", file=sys.stderr)
     if args.fit_tag_heads:
         from osum.evaluate.run import read_eval_set
-        from osum.model.tag_heads import fit_locator, fit_model_head
+        from osum.model.tag_heads import fit_locator, fit_model_head, set_locator_crop
 
-        specs = []
+        specs: dict[str, list[str]] = {}  # field -> its lists, in the order given
         for spec in args.fit_tag_heads:
             field, sep, path = spec.partition("=")
             if not sep or not path:
                 raise SystemExit(f"--fit-tag-heads {spec!r}: expected FIELD=LIST.jsonl, e.g. event=train_ved.jsonl")
-            specs.append((field, path))
-        groups = _head_groups(args.tag_head_groups, [field for field, _ in specs])
+            specs.setdefault(field, []).append(path)
+        groups = _head_groups(args.tag_head_groups, list(specs))
+        dropout = _head_dropout(args.tag_head_dropout, list(specs))
         if args.locate_tag_head:
-            paths = [path for field, path in specs if field == args.locate_tag_head]
-            if not paths:
+            if args.locate_tag_head not in specs:
                 raise SystemExit(f"--locate-tag-head {args.locate_tag_head}: no --fit-tag-heads "
                                  f"{args.locate_tag_head}=LIST.jsonl to fit it on")
-            loc = fit_locator(model.eval(), args.locate_tag_head, read_eval_set(paths[0]), args.locator_layer,
+            first = specs[args.locate_tag_head][0]
+            loc = fit_locator(model.eval(), args.locate_tag_head, read_eval_set(first), args.locator_layer,
                               reg=args.tag_head_reg)
             print(f"{loc.field} frame locator on block {loc.layer}, fitted on {loc.inside} frames inside the "
-                  f"sound's spans and {loc.outside} outside them in {loc.rows} utterances of {paths[0]}: its top "
+                  f"sound's spans and {loc.outside} outside them in {loc.rows} utterances of {first}: its top "
                   f"frame lies inside the span in {loc.top_in_span:.3f} of them (the head's k-fold accuracy below "
                   "shares this locator across folds)" + _left_out(loc.skipped), file=sys.stderr)
-        for field, path in specs:
-            fit = fit_model_head(model.eval(), field, read_eval_set(path), reg=args.tag_head_reg,
-                                 group_by=groups.get(field))
+            set_locator_crop(model, args.locator_crop)
+        for field, paths in specs.items():
+            fit = fit_model_head(model.eval(), field, [row for path in paths for row in read_eval_set(path)],
+                                 reg=args.tag_head_reg, group_by=groups.get(field), dropout=dropout.get(field, 0.0))
             cv = "n/a (one fold)" if fit.cv_accuracy is None else f"{fit.cv_accuracy:.3f}"
+            path = " + ".join(paths)
             print(f"{field} head fitted on {fit.rows} utterances of {path}: training accuracy "
                   f"{fit.train_accuracy:.3f}, 5-fold accuracy {cv} (held out together: {fit.cv_groups})"
                   + _left_out(fit.skipped), file=sys.stderr)
@@ -452,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-tag-heads", action="append", default=[], metavar="FIELD=LIST.jsonl",
                    help="fit a linear head for a tag field (event, age, ...) over the voice summary's pooled "
                         "statistics on these labelled utterances, and read that field off it "
-                        "(generation.summary_tags); repeatable")
+                        "(generation.summary_tags); repeatable, a field named twice is fitted on its lists together "
+                        "(its frame locator on the first)")
     p.add_argument("--fit-ctc-weight", action="append", default=[], metavar="LIST.jsonl",
                    help="choose generation.ctc_weight (joint CTC/LLM decoding of transcripts) among --ctc-weights "
                         "by the asr error rate on these held-out utterances (valid splits, not test sets), pooled "
@@ -469,6 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--locator-layer", type=int, metavar="N",
                    help="the encoder block the frame locator reads, one of the summary's blocks (default: the "
                         "middle one of model.adaptor.summary_layers)")
+    p.add_argument("--locator-crop", type=int, metavar="W",
+                   help="the located head reads only the frames within W (20 ms each) of the locator's peak, every "
+                        "later encoder block run again on them alone (default: the whole utterance)")
+    p.add_argument("--tag-head-dropout", action="append", default=[], metavar="FIELD=P",
+                   help="fit FIELD's head by AdamW with a share P of its standardised statistics dropped at each "
+                        "step instead of the L2-penalised L-BFGS fit (repeatable, e.g. event=0.3)")
     p.add_argument("--tag-head-groups", action="append", default=[], metavar="[FIELD=]KEY",
                    help="row key (dotted, e.g. extra.event.recording) whose groups the heads' cross-validation holds "
                         "out together, for every head or, as FIELD=KEY, for one (repeatable, e.g. "

@@ -88,6 +88,11 @@ class AdaptorConfig:
     # hardly does. Set by the export, not by hand; both or neither.
     located_head: str | None = None
     locator_layer: int | None = None
+    # With a locator: the located head reads a crop instead of the whole utterance, the locator block's frames
+    # within this many frames (20 ms each) of its highest-scoring frame, with every later encoder block run again
+    # on that crop alone, so the speech around the sound no longer reaches them; its statistics are those of the
+    # locator's block and each later one (`osum export --locator-crop`). None = the whole utterance.
+    locator_crop: int | None = None
     # Keep the position table in the checkpoint instead of recomputing it: OSUM's infer.pt stores it
     # bf16-rounded, and exact parity needs those values.
     store_positions: bool = False

@@ -28,7 +28,12 @@ def test_recipe_training_export_eval_stages(tmp_path):
     for task, name in (("srwt", "srwt"), ("asr+ved", "ved"), ("asr+sap", "sap")):
         (data / f"train_synth_{name}.jsonl").write_text("".join(
             json.dumps(extra[name](r)) + "\n" for r in rows if r["task"] == task))
-    assert len({r["event"] for r in rows if r["task"] == "asr+ved"}) > 1
+    ved = [r for r in rows if r["task"] == "asr+ved"]
+    # stage 1's extra event utterances (Scratch's coughs), which the event head fits too
+    (data / "train_extra_ved.jsonl").write_text("".join(
+        json.dumps({**r, "key": f"extra-{r['key']}", "extra": {"event": {**event(r), "recording": "extra/x"}}}) + "\n"
+        for r in ved[:2]))
+    assert len({r["event"] for r in ved}) > 1
     assert len({r["age"] for r in rows if r["task"] == "asr+sap"}) > 1
     (data / "mixture.yaml").write_text("train:\n  synth: {shards: list.jsonl}\nvalid:\n  synth: {shards: list.jsonl}\n")
     shutil.copy(listing, data / "test_synth_sgc.jsonl")
@@ -75,7 +80,10 @@ def test_recipe_training_export_eval_stages(tmp_path):
     assert released["model"]["adaptor"]["tag_heads"] == ["event", "age"]
     assert "age head fitted on 4 utterances" in proc.stderr and "held out together: speaker)" in proc.stderr
     assert released["model"]["adaptor"]["located_head"] == "event"  # the head reads where the event is
+    assert released["model"]["adaptor"]["locator_crop"] == 40  # the frames around the locator's peak
     assert "event frame locator on block" in proc.stderr
+    assert (f"event head fitted on {len(ved) + 2} utterances of {data / 'train_synth_ved.jsonl'} + "
+            f"{data / 'train_extra_ved.jsonl'}") in proc.stderr
     assert generation["summary_tags"] == ["gender", "age", "event"]
     assert f"generation.ctc_weight {generation['ctc_weight']}" in proc.stderr
     assert f"{data / 'valid_synth.jsonl'}: " in proc.stderr and f"{data / 'valid_real.jsonl'}: " in proc.stderr

@@ -498,6 +498,20 @@ def test_event_sources_script_adds_inserted_clips_to_the_heads_fit(tmp_path, sum
     for name, recordings, utterances in (("cough", 1, 3), ("laugh", 2, 6), ("all", 3, 9)):
         assert f"| {name} | {recordings} | {utterances} | " in printed
 
+    # --write: the utterances and their list, audio paths relative to it, for the export to fit on
+    from osum.evaluate.run import read_eval_set
+
+    listed = tmp_path / "lists" / "extra_ved.jsonl"
+    monkeypatch.setattr(sys, "argv", ["event_sources.py", "--data", str(tmp_path), "--per", "2", "--write",
+                                      str(listed), "--clips", f"laugh={clips}/tone*.wav"])
+    runpy.run_path(script, run_name="__main__")
+    assert capsys.readouterr().out == f"{listed}: 4 utterances of 2 laugh clips, 2 each\n"
+    assert all(not json.loads(line)["audio"].startswith("/") for line in listed.read_text().splitlines())
+    written = read_eval_set(listed)
+    assert [r["event"] for r in written] == ["laugh"] * 4
+    assert len({r["extra"]["event"]["recording"] for r in written}) == 2
+    assert all(Path(r["audio"]).parent == listed.parent / "extra_ved" and Path(r["audio"]).is_file() for r in written)
+
 
 def test_event_finetune_script_crops_at_the_locator_and_trains_copies_of_the_later_blocks(tmp_path, monkeypatch,
                                                                                         capsys):
@@ -561,3 +575,176 @@ def test_event_finetune_script_crops_at_the_locator_and_trains_copies_of_the_lat
     with pytest.raises(SystemExit, match=r"1 encoder block\(s\) follow the locator's \(block 1\), so each count "
                                          "must be 0 to 1"):
         runpy.run_path(script, run_name="__main__")
+
+
+def test_dropout_fit_separates_clusters_from_its_own_seed():
+    """fit_linear(dropout=P): AdamW with dropped features, the same head from the same rows, the caller's random
+    state untouched; a share outside [0, 1) is refused by name."""
+    x, y = _clusters(300, seed=1)
+    torch.manual_seed(7)
+    before = torch.rand(3)
+    torch.manual_seed(7)
+    weight, bias = fit_linear(x * 100.0 + 3.0, y, 3, dropout=0.3)
+    assert torch.equal(torch.rand(3), before)  # its own generator
+    held_x, held_y = _clusters(60, seed=2)
+    assert ((held_x * 100.0 + 3.0) @ weight.T + bias).argmax(-1).eq(held_y).float().mean() > 0.9
+    again = fit_linear(x * 100.0 + 3.0, y, 3, dropout=0.3)
+    assert torch.equal(again[0], weight) and torch.equal(again[1], bias)
+    assert not torch.equal(fit_linear(x, y, 3, dropout=0.5)[0], fit_linear(x, y, 3, dropout=0.3)[0])
+    groups = [str(i % 10) for i in range(len(y))]
+    assert cross_validate(x, y, groups, 3, dropout=0.3) > 0.9
+    with pytest.raises(ValueError, match="dropout 1.0"):
+        fit_linear(x, y, 3, dropout=1.0)
+
+
+@pytest.fixture
+def crop_model():
+    """Three encoder blocks, the summary on blocks 0 and 1, so a crop at block 1 has block 2 to run again."""
+    from osum.model.speech_llm import SpeechLLM
+
+    torch.manual_seed(0)
+    return SpeechLLM(tiny_config("adaptor.summary_layers=[0,1]", "encoder.num_layers=3")).eval()
+
+
+def test_locator_crop_reruns_the_later_blocks_on_the_frames_around_the_peak(tmp_path, crop_model):
+    from osum.model import checkpoint
+    from osum.model.adaptor import weighted_stats
+    from osum.model.tag_heads import fit_locator, set_locator_crop
+
+    rows = _write_events(tmp_path, 12)
+    fit_locator(crop_model, "event", rows, layer=1)
+    summary = crop_model.summary
+    feats = [log_mel_spectrogram(load_audio(r["audio"])).T for r in rows[:3]]
+    padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
+    lens = torch.tensor([m.shape[0] for m in feats])
+    with torch.no_grad():
+        _, enc_lens, hidden = crop_model.encoder.forward_layers(padded, lens, [0, 1, 2])
+        weights = summary.frame_weights(hidden[:2], enc_lens)
+        # A crop wider than every utterance is the whole utterance: blocks 1 and 2 of the one full pass.
+        set_locator_crop(crop_model, 1000)
+        whole = crop_model.located_stats(hidden[:2], enc_lens)
+        assert whole.shape == (3, crop_model.crop_stats_dim(1)) == (3, 2 * 2 * hidden[0].shape[-1])
+        assert torch.allclose(whole, weighted_stats(hidden[1:], weights, min_count=1e-30), atol=1e-5)
+        # A narrow one: block 1's frames within 3 of the peak, block 2 run on them alone, item by item.
+        set_locator_crop(crop_model, 3)
+        narrow = crop_model.located_stats(hidden[:2], enc_lens)
+        for i in range(3):
+            n, peak = int(enc_lens[i]), int(weights[i].argmax())
+            first, last = max(0, peak - 3), min(n, peak + 4)
+            x = hidden[1][i:i + 1, first:last]
+            expected = weighted_stats([x, crop_model.encoder.layers[2](x, None)], weights[i:i + 1, first:last], 1e-30)
+            assert torch.allclose(narrow[i], expected[0], atol=1e-5)
+        assert not torch.allclose(narrow, whole, atol=1e-3)
+    for row, batched in zip(rows[:5], pooled_stats(crop_model, rows[:5], batch_size=2, window=3, located=True)):
+        assert torch.allclose(batched, pooled_stats(crop_model, [row], located=True)[0], atol=1e-5)
+
+    fit = fit_model_head(crop_model, "event", rows, group_by="extra.event.clip", dropout=0.3)
+    assert fit.weight.shape == (len(tasks.LABELS["event"]), crop_model.crop_stats_dim(1))
+    assert crop_model.summary.heads["event"].weight.shape == fit.weight.shape
+
+    def labels(model):
+        return [out["event"] for out in model.summary_labels(padded, lens, ["event"])]
+
+    enc = crop_model.encode(padded, lens)  # the decoding path reads the same crop
+    assert torch.allclose(enc.located, narrow, atol=1e-5)
+    out = checkpoint.save(crop_model, tmp_path / "model", dtype=torch.bfloat16)
+    again = checkpoint.load(out).eval()
+    assert again.config.adaptor.locator_crop == 3
+    assert torch.equal(again.summary.heads["event"].weight, crop_model.summary.heads["event"].weight)
+    assert labels(again) == labels(crop_model)
+    # A locator fitted again on another block keeps the crop, its statistics from that block on.
+    fit_locator(crop_model, "event", rows, layer=0)
+    assert crop_model.summary.located_dim == crop_model.crop_stats_dim(0) == 3 * 2 * hidden[0].shape[-1]
+    set_locator_crop(crop_model, None)
+    assert crop_model.summary.located_dim == crop_model.summary.stats_dim
+    assert crop_model.config.adaptor.locator_crop is None
+
+
+def test_locator_crop_errors_name_what_is_wrong(crop_model):
+    from osum.model.speech_llm import SpeechLLM
+    from osum.model.tag_heads import set_locator_crop
+
+    with pytest.raises(ValueError, match="needs a fitted frame locator"):
+        set_locator_crop(crop_model, 3)
+    with pytest.raises(ValueError, match="adaptor.locator_crop 3: .* with a fitted locator"):
+        SpeechLLM(tiny_config("adaptor.summary_layers=[0]", "adaptor.locator_crop=3"))
+    with pytest.raises(ValueError, match="adaptor.locator_crop 0: .* a positive integer"):
+        SpeechLLM(tiny_config("adaptor.summary_layers=[0]", "adaptor.tag_heads=[event]", "adaptor.located_head=event",
+                              "adaptor.locator_layer=0", "adaptor.locator_crop=0"))
+    with pytest.raises(ValueError, match="adaptor.locator_crop 2: fitted on .* set adaptor.summary_layers"):
+        SpeechLLM(tiny_config("adaptor.locator_crop=2"))
+
+
+def test_export_fits_a_cropped_head_with_dropout_on_two_lists(tmp_path, crop_model, capsys):
+    """`--locator-crop`, `--tag-head-dropout` and a field's head fitted on two lists (its locator on the first)."""
+    from osum.cli import _head_dropout, main
+    from osum.model import checkpoint
+
+    rows = _write_events(tmp_path, 14)
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
+    second.write_text("".join(json.dumps({**r, "extra": {"event": {"clip": "other"}}}) + "\n" for r in rows[10:]))
+    source = checkpoint.save(crop_model, tmp_path / "ckpt")
+    assert main(["export", str(source), "--out", str(tmp_path / "out"), "--fit-tag-heads", f"event={first}",
+                 "--fit-tag-heads", f"event={second}", "--locate-tag-head", "event", "--locator-layer", "1",
+                 "--locator-crop", "5", "--tag-head-dropout", "event=0.3",
+                 "--tag-head-groups", "event=extra.event.clip"]) == 0
+    err = capsys.readouterr().err
+    assert f"in 10 utterances of {first}" in err  # the locator: the first list's spans (the second has none)
+    assert f"event head fitted on 14 utterances of {first} + {second}" in err
+    exported = checkpoint.load(tmp_path / "out").eval()
+    adaptor = exported.config.adaptor
+    assert (adaptor.located_head, adaptor.locator_layer, adaptor.locator_crop) == ("event", 1, 5)
+    stats = torch.stack(pooled_stats(exported, rows, located=True))
+    assert stats.shape[1] == exported.crop_stats_dim(1)
+    reference = fit_linear(stats, torch.tensor([tasks.LABELS["event"].index(r["event"]) for r in rows]),
+                           len(tasks.LABELS["event"]), dropout=0.3)
+    assert torch.allclose(exported.summary.heads["event"].weight, reference[0], atol=1e-4)
+    for args, message in ((["--locator-crop", "5"], "only --locate-tag-head"),
+                          (["--locate-tag-head", "event", "--locator-crop", "0"], "at least 1"),
+                          (["--tag-head-dropout", "event=0.3"], "none is given")):
+        extra = [] if "none is given" in message else ["--fit-tag-heads", f"event={first}"]
+        with pytest.raises(SystemExit, match=message):
+            main(["export", str(source), "--out", str(tmp_path / "x"), *extra, *args])
+    assert _head_dropout(["event=0.5"], ["event", "age"]) == {"event": 0.5}
+    for specs, message in ((["age=0.5"], "one of the heads"), (["event=1"], "between 0 and 1"),
+                           (["event=x"], "between 0 and 1"), (["event=0.2", "event=0.3"], "two values")):
+        with pytest.raises(SystemExit, match=message):
+            _head_dropout(specs, ["event"])
+
+
+def test_event_readers_script_compares_the_exports_fits(tmp_path, crop_model, monkeypatch, capsys):
+    """recipes/osum-tiny/event_readers.py: its first row is the export's whole-utterance L-BFGS fit (held out by
+    recording, and on test); a row for each statistics, fit and extra-list choice, the added rows never scored;
+    bad arguments are refused by name."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    import osum
+    from osum.model.tag_heads import set_locator_crop
+
+    train, _, head, accuracy = _fitted_event_lists(tmp_path, crop_model)
+    (tmp_path / "train_extra_ved.jsonl").write_text("".join(
+        json.dumps({**r, "key": f"x{r['key']}", "audio": Path(r["audio"]).name,
+                    "extra": {"event": {"recording": "extra/one"}}}) + "\n" for r in train[:2]))
+    script = str(Path(__file__).resolve().parents[1] / "recipes" / "osum-tiny" / "event_readers.py")
+    monkeypatch.setattr(osum, "load", lambda name, **kw: crop_model)
+    monkeypatch.setattr(sys, "argv", ["event_readers.py", "--data", str(tmp_path), "--crop", "3", "--regs", "0.01",
+                                      "--dropouts", "0.3"])
+    runpy.run_path(script, run_name="__main__")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "16 training utterances, 2 extra (train_extra_ved.jsonl), 4 test; held-out accuracy scored on " \
+                       "the 16 training utterances"
+    rows = [line for line in lines if line.startswith("| ") and "%" in line]
+    assert len(rows) == 2 * 2 * 2  # statistics x fits x extra list
+    assert rows[0] == (f"| whole utterance, locator-weighted | L-BFGS, L2 0.01 | no | {head.cv_accuracy:.1%} | "
+                       f"{accuracy:.1%} |")
+    assert rows[-1].startswith("| crop of 7 frames at the peak, blocks re-run | AdamW, dropout 0.3 | yes | ")
+    assert crop_model.config.adaptor.locator_crop == 3  # the script leaves the model with its last reader
+    set_locator_crop(crop_model, None)
+    for argv, message in ((["--crop", "0"], "at least one frame"), (["--regs", "x"], "comma-separated numbers"),
+                          (["--dropouts", "1"], "below 1"), (["--extra", "none.jsonl"], "none.jsonl: not found")):
+        monkeypatch.setattr(sys, "argv", ["event_readers.py", "--data", str(tmp_path), *argv])
+        with pytest.raises(SystemExit, match=message):
+            runpy.run_path(script, run_name="__main__")

@@ -142,10 +142,12 @@ class VoiceSummary(nn.Module):
     `locator` (with `locator_layer`, one of `layers`) scores each frame of that block for a short sound (a vocal
     event); `pool(..., located=True)` weights the frames by its probabilities, so a head can read the sound's
     statistics rather than the whole utterance's. It is fitted after training too, on labelled sound spans.
+    `located` names the field whose head reads those statistics, `located_dim` their width when they are not
+    pooled from the summary's own blocks (a crop read by later blocks: SpeechLLM.located_stats).
     """
 
     def __init__(self, layers: list[int], enc_dim: int, llm_dim: int, heads: dict[str, int] | None = None,
-                 locator_layer: int | None = None):
+                 locator_layer: int | None = None, located: str | None = None, located_dim: int | None = None):
         super().__init__()
         self.layers = list(layers)
         if locator_layer is not None and locator_layer not in self.layers:
@@ -158,7 +160,9 @@ class VoiceSummary(nn.Module):
         nn.init.zeros_(self.proj.weight)
         self.base = nn.Parameter(torch.zeros(llm_dim))
         self.norm = nn.LayerNorm(llm_dim)
-        self.heads = nn.ModuleDict({f: nn.utils.skip_init(nn.Linear, self.stats_dim, n)
+        self.located = located
+        self.located_dim = self.stats_dim if located_dim is None else located_dim
+        self.heads = nn.ModuleDict({f: nn.utils.skip_init(nn.Linear, self.head_dim(f), n)
                                     for f, n in (heads or {}).items()})
         self.locator = None
         if locator_layer is not None:
@@ -166,6 +170,10 @@ class VoiceSummary(nn.Module):
         for head in [*self.heads.values(), *([self.locator] if self.locator is not None else [])]:
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+
+    def head_dim(self, field: str) -> int:
+        """The width of the statistics `field`'s head reads."""
+        return self.located_dim if field == self.located else self.stats_dim
 
     def forward(self, hidden: list[torch.Tensor], lens: torch.Tensor) -> torch.Tensor:
         """hidden: the blocks' outputs (B, T', D_enc) each, lens (B,) valid frames → (B, D_llm)."""

@@ -19,7 +19,7 @@ from transformers.generation.streamers import BaseStreamer
 from osum import tasks
 from osum.audio import FRAMES_PER_SECOND
 from osum.config import GenerationConfig, ModelConfig
-from osum.model.adaptor import Adaptor, LayerMix, VoiceSummary
+from osum.model.adaptor import Adaptor, LayerMix, VoiceSummary, weighted_stats
 from osum.model.align import align_words
 from osum.model.ctc_prefix import CTCJointScores, CTCPrefixScorer
 from osum.model.encoder import WhisperAudioEncoder
@@ -124,9 +124,15 @@ class SpeechLLM(nn.Module):
             if located[0] is not None and located[0] not in cfg.adaptor.tag_heads:
                 raise ValueError(f"adaptor.located_head {located[0]!r}: not one of the fitted heads, adaptor.tag_heads "
                                  f"{cfg.adaptor.tag_heads} (the locator weights the statistics a head reads)")
+            crop = cfg.adaptor.locator_crop
+            if crop is not None and (located[0] is None or isinstance(crop, bool) or not isinstance(crop, int)
+                                     or crop < 1):
+                raise ValueError(f"adaptor.locator_crop {crop!r}: frames each side of a frame locator's peak, a "
+                                 "positive integer, with a fitted locator (adaptor.located_head)")
             self.summary = VoiceSummary(cfg.adaptor.summary_layers, cfg.encoder.d_model, hidden,
                                         {f: len(tasks.LABELS[f]) for f in cfg.adaptor.tag_heads},
-                                        cfg.adaptor.locator_layer)
+                                        cfg.adaptor.locator_layer, cfg.adaptor.located_head,
+                                        None if crop is None else self.crop_stats_dim(cfg.adaptor.locator_layer))
             with torch.no_grad():
                 self.summary.base.normal_(0, std)
                 self.summary.norm.weight.fill_(std)
@@ -136,7 +142,7 @@ class SpeechLLM(nn.Module):
                 self.summary.locator.requires_grad_(False)  # the same
         else:
             fitted = {"tag_heads": cfg.adaptor.tag_heads, "located_head": cfg.adaptor.located_head,
-                      "locator_layer": cfg.adaptor.locator_layer}
+                      "locator_layer": cfg.adaptor.locator_layer, "locator_crop": cfg.adaptor.locator_crop}
             fitted = [f"adaptor.{k} {v!r}" for k, v in fitted.items() if v not in (None, [])]
             if fitted:
                 raise ValueError(f"{' and '.join(fitted)}: fitted on the voice summary's statistics, which this model "
@@ -184,8 +190,33 @@ class SpeechLLM(nn.Module):
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The summary's blocks → its position, pooled statistics and (with a frame locator) located statistics."""
         stats = self.summary.pool(hidden, encoder_lens)
-        located = self.summary.pool(hidden, encoder_lens, located=True) if self.summary.locator is not None else None
+        located = self.located_stats(hidden, encoder_lens) if self.summary.locator is not None else None
         return self.summary.project(stats), stats, located
+
+    def crop_stats_dim(self, locator_layer: int) -> int:
+        """The width of a crop's statistics: mean and spread of the locator's block and each later one."""
+        return 2 * self.config.encoder.d_model * (len(self.encoder.layers) - locator_layer)
+
+    def located_stats(self, hidden: list[torch.Tensor], encoder_lens: torch.Tensor) -> torch.Tensor:
+        """The located head's statistics from the summary's blocks (B, T', D_enc each): pooled with the frame
+        locator's weights over the whole utterance, or, with `adaptor.locator_crop` = W, over the crop of the
+        locator's block within W frames of each item's highest-scoring frame, every later block run again on
+        that crop alone (B, 2 * D_enc * blocks from the locator's on). Whisper's blocks add no positions of
+        their own, so a crop is read as if it were the whole audio."""
+        crop = self.config.adaptor.locator_crop
+        if crop is None:
+            return self.summary.pool(hidden, encoder_lens, located=True)
+        weights = self.summary.frame_weights(hidden, encoder_lens)  # (B, T'), 0 past each item's end
+        frames = hidden[self.summary.layers.index(self.summary.locator_layer)]
+        index = weights.argmax(-1)[:, None] + torch.arange(-crop, crop + 1, device=weights.device)  # (B, 2W+1)
+        valid = (index >= 0) & (index < encoder_lens[:, None])
+        index = index.clamp(0, frames.shape[1] - 1)
+        x = frames.gather(1, index[..., None].expand(-1, -1, frames.shape[-1]))
+        blocks, mask = [x], valid[:, None, None, :]
+        for layer in list(self.encoder.layers)[self.summary.locator_layer + 1:]:
+            x = layer(x, mask)
+            blocks.append(x)
+        return weighted_stats(blocks, weights.gather(1, index) * valid, min_count=torch.finfo(torch.float32).tiny)
 
     def _encode(self, features: torch.Tensor, feature_lens: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -385,11 +416,11 @@ class SpeechLLM(nn.Module):
     def summary_stats(self, features: torch.Tensor, feature_lens: torch.Tensor, located: bool = False
                       ) -> torch.Tensor:
         """(B, stats_dim) the voice summary's pooled statistics of each item (VoiceSummary.pool), from the
-        encoder alone; `located`: pooled with the frame locator's weights."""
+        encoder alone; `located`: the located head's (`located_stats`)."""
         if self.summary is None:
             raise ValueError("this model has no voice summary (model.adaptor.summary_layers)")
         _, encoder_lens, hidden = self.encoder.forward_layers(features, feature_lens, self.summary.layers)
-        return self.summary.pool(hidden, encoder_lens, located=located)
+        return self.located_stats(hidden, encoder_lens) if located else self.summary.pool(hidden, encoder_lens)
 
     @property
     def seconds_per_position(self) -> float:

@@ -16,6 +16,13 @@ crossfire-client btanks-data`; CC-BY-SA-3.0 and GPL), about 4 min on 2 CPU cores
 
     python recipes/osum-tiny/event_sources.py --model osum-tiny --data data/osum-tiny
     python recipes/osum-tiny/event_sources.py --clips laugh='my_laughs/*.wav' --clips cough=my_cough.flac
+
+With `--write LIST.jsonl` it scores nothing: it writes the utterances (audio in a folder named after the list,
+beside it) and their list, for `osum export --fit-tag-heads event=LIST.jsonl` to fit the head on them too
+(recipe stage 6 does with Scratch's coughs, `apt-get install scratch`):
+
+    python recipes/osum-tiny/event_sources.py --clips cough='/usr/share/scratch/Media/Sounds/Human/Cough-*.wav' \
+        --write data/osum-tiny/train_extra_ved.jsonl
 """
 from __future__ import annotations
 
@@ -35,6 +42,7 @@ from osum import audio as A
 from osum import tasks
 from osum.data.synth import effects
 from osum.evaluate.run import read_eval_set
+from osum.fileio import write_jsonl
 from osum.model.tag_heads import cross_validate, fit_linear, pooled_stats
 
 FIELD = "event"
@@ -106,6 +114,22 @@ def insert_clips(clips: dict[str, list[str]], speech: list[dict], per: int, out:
     return rows
 
 
+def write_list(clips: dict[str, list[str]], data: Path, per: int, out: Path, seed: int) -> None:
+    """The inserted utterances under `out`'s stem folder and their list at `out` (audio paths relative to it),
+    the list written last and whole, so a list on disk always has its audio."""
+    speech = [row for row in read_rows(data, "train_synth_srwt.jsonl") if row.get("words")]
+    if not speech:
+        raise SystemExit(f"{data}/train_synth_srwt.jsonl: no utterance with word times to insert the clips into")
+    folder = out.parent / out.stem
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = insert_clips(clips, speech, per, folder, seed)
+    for row in rows:
+        row["audio"] = str(Path(row["audio"]).relative_to(out.parent))
+    write_jsonl(out, rows)
+    print(f"{out}: {len(rows)} utterances of " + ", ".join(f"{len(files)} {label} clips" for label, files in
+                                                          sorted(clips.items())) + f", {per} each")
+
+
 def score(x: torch.Tensor, y: torch.Tensor, groups: list[str], scored: int, x_test: torch.Tensor,
           y_test: torch.Tensor, reg: float) -> tuple[float, float, Counter]:
     """A head fitted on (x, y): (accuracy held out by group on the first `scored` rows, test accuracy, test
@@ -129,11 +153,15 @@ def main() -> None:
                                                         "a recording)")
     ap.add_argument("--reg", type=float, default=1e-2, help="the head's L2 penalty (as the export's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--write", metavar="LIST.jsonl", help="write the utterances and their list instead of scoring")
     args = ap.parse_args()
     if args.per < 1:
         raise SystemExit(f"--per {args.per}: at least one utterance a clip")
     clips = parse_clips(args.clips)
     data = Path(args.data)
+    if args.write:
+        write_list(clips, data, args.per, Path(args.write), args.seed)
+        return
     model = osum.load(args.model).eval()
     if model.config.adaptor.located_head != FIELD or model.summary.locator is None:
         raise SystemExit(f"{args.model}: no frame locator for {FIELD} (osum export --locate-tag-head {FIELD})")

@@ -26,6 +26,7 @@ PACKAGES=(
   mbrola mbrola-us1 mbrola-us2 mbrola-us3 mbrola-en1 libttspico-utils  # non-free voices
   sox                                                              # pitch/tempo/gain effects
   hedgewars-data                                                   # vocal events (GFDL)
+  scratch                                                          # two more coughs for the event head
   asterisk-core-sounds-en-wav asterisk-core-sounds-en pocketsphinx-testdata  # real recordings
   wordnet-base                                                     # open-domain sentences (osum synth --open-sentences)
 )

@@ -13,7 +13,8 @@
 # 6000; 0 for none), JOBS, REAL_VALID (share of the real recordings held out for choosing decoding settings, default
 # osum synth's; 0 for the corpus of the current release), STEPS0..3, NPROC, FINAL (the training stage whose `final`
 # stage 6 exports, default 3; 2 to release before stage 3), BEAMS (the exported model's default beam count, default 4;
-# 1 for greedy); extra arguments are dotted overrides for the three
+# 1 for greedy), LOCATOR_CROP (frames each side of the event locator's peak the event head reads, default 40);
+# extra arguments are dotted overrides for the three
 # training stages (e.g. `precision=bf16 data.num_workers=2`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -52,6 +53,15 @@ if run_stage 0; then bash "$here/install_voices.sh"; fi
 if run_stage 1; then
   "$OSUM" synth --out "$DATA" --sentences "$SENTENCES" --open-sentences "$OPEN" --jobs "$JOBS" \
     ${REAL_VALID:+--real-valid-share "$REAL_VALID"}
+  # Two more cough recordings for the event head's fit (the hedgewars training packs have three): Scratch's,
+  # inserted into training speech as osum synth inserts events (model card, "Vocal events")
+  coughs=(/usr/share/scratch/Media/Sounds/Human/Cough-*.wav)
+  if [ -f "${coughs[0]}" ]; then
+    "$PYTHON" "$here/event_sources.py" --data "$DATA" --clips "cough=${coughs[0]%/*}/Cough-*.wav" \
+      --write "$DATA/train_extra_ved.jsonl"
+  else
+    echo "Scratch's coughs are not installed (apt-get install scratch): the event head is fitted without them"
+  fi
 fi
 if run_stage 2; then "$OSUM" data stats "$DATA/train" --png "$DATA/train_durations.png"; fi
 shift_args=("$@")
@@ -83,8 +93,15 @@ if run_stage 6; then
     fit+=(--generation "summary_tags=[gender,age]")
     if [ -f "$DATA/train_synth_ved.jsonl" ]; then
       fit+=(--fit-tag-heads "event=$DATA/train_synth_ved.jsonl" --tag-head-groups event=extra.event.recording)
+      # the head also fits the extra event utterances of stage 1 (the locator only the first list)
+      if [ -f "$DATA/train_extra_ved.jsonl" ]; then fit+=(--fit-tag-heads "event=$DATA/train_extra_ved.jsonl"); fi
       # (the locator needs the events' spans, which osum synth records; a corpus without them gets the plain head)
-      if grep -q '"span"' "$DATA/train_synth_ved.jsonl"; then fit+=(--locate-tag-head event); fi
+      # The head reads the LOCATOR_CROP frames each side of the locator's peak, the later blocks run again on
+      # them, and is fitted with dropout: 4-12 points more held out by recording than the whole utterance's
+      # L-BFGS fit (model card)
+      if grep -q '"span"' "$DATA/train_synth_ved.jsonl"; then
+        fit+=(--locate-tag-head event --locator-crop "${LOCATOR_CROP:-40}" --tag-head-dropout event=0.3)
+      fi
     fi
     if [ -f "$DATA/train_synth_sap.jsonl" ]; then
       fit+=(--fit-tag-heads "age=$DATA/train_synth_sap.jsonl" --tag-head-groups age=speaker)
