@@ -320,6 +320,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             field, sep, path = spec.partition("=")
             if not sep or not path:
                 raise SystemExit(f"--fit-tag-heads {spec!r}: expected FIELD=LIST.jsonl, e.g. event=train_ved.jsonl")
+            if path in specs.get(field, []):
+                raise SystemExit(f"--fit-tag-heads {spec!r}: given twice")
             specs.setdefault(field, []).append(path)
         groups = _head_groups(args.tag_head_groups, list(specs))
         dropout = _head_dropout(args.tag_head_dropout, list(specs))
@@ -335,6 +337,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                   f"frame lies inside the span in {loc.top_in_span:.3f} of them (the head's k-fold accuracy below "
                   "shares this locator across folds)" + _left_out(loc.skipped), file=sys.stderr)
             set_locator_crop(model, args.locator_crop)
+            crop = args.locator_crop
+            print(f"{loc.field} head reads " + (f"the {2 * crop + 1} frames around the locator's peak, the later "
+                                               "encoder blocks run again on them" if crop else
+                                               "the whole utterance, weighted by the locator"), file=sys.stderr)
         for field, paths in specs.items():
             fit = fit_model_head(model.eval(), field, [row for path in paths for row in read_eval_set(path)],
                                  reg=args.tag_head_reg, group_by=groups.get(field), dropout=dropout.get(field, 0.0))
@@ -504,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "later encoder block run again on them alone (default: the whole utterance)")
     p.add_argument("--tag-head-dropout", action="append", default=[], metavar="FIELD=P",
                    help="fit FIELD's head by AdamW with a share P of its standardised statistics dropped at each "
-                        "step instead of the L2-penalised L-BFGS fit (repeatable, e.g. event=0.3)")
+                        "step instead of the L2-penalised L-BFGS fit, --tag-head-reg then unused (repeatable, e.g. "
+                        "event=0.3)")
     p.add_argument("--tag-head-groups", action="append", default=[], metavar="[FIELD=]KEY",
                    help="row key (dotted, e.g. extra.event.recording) whose groups the heads' cross-validation holds "
                         "out together, for every head or, as FIELD=KEY, for one (repeatable, e.g. "

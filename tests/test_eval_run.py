@@ -211,6 +211,10 @@ def test_eval_report_names_answers_that_do_not_come_from_the_text(tiny_model, tm
     lines = _sources_of_answers({"summary_tags": ["gender", "event"]}, ["event"], "event")
     assert "- labels read off the voice summary, not the text: gender, event (event by a linear head fitted on its " \
            "statistics; for event, pooled where a fitted frame locator hears it)" in lines
+    assert summary["run"]["locator_crop"] is None
+    lines = _sources_of_answers({"summary_tags": ["event"]}, ["event"], "event", 40)
+    assert "- labels read off the voice summary, not the text: event (event by a linear head fitted on its " \
+           "statistics; for event, from the 81 frames around a fitted frame locator's peak)" in lines
 
 
 def test_eval_sttc_with_a_local_judge(tiny_model, tmp_path, judge_server):

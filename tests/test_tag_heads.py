@@ -257,7 +257,7 @@ def test_event_pooling_script_matches_the_heads_fit(tmp_path, summary_model, mon
     runpy.run_path(str(Path(__file__).resolve().parents[1] / "recipes" / "osum-tiny" / "event_pooling.py"),
                    run_name="__main__")
     last = capsys.readouterr().out.rstrip().splitlines()[-1]
-    assert last.startswith("| weighted by the model's frame locator (block 1), mean + std (the released head) | "
+    assert last.startswith("| weighted by the model's frame locator (block 1), mean + std (the export's L-BFGS fit) | "
                            f"{located.cv_accuracy:.1%} | ")
 
 
@@ -599,11 +599,12 @@ def test_dropout_fit_separates_clusters_from_its_own_seed():
 
 @pytest.fixture
 def crop_model():
-    """Three encoder blocks, the summary on blocks 0 and 1, so a crop at block 1 has block 2 to run again."""
+    """Four encoder blocks, the summary on blocks 0 and 1: a crop at block 1 runs blocks 2 and 3 again, and its
+    statistics (three blocks) are wider than the summary's (two)."""
     from osum.model.speech_llm import SpeechLLM
 
     torch.manual_seed(0)
-    return SpeechLLM(tiny_config("adaptor.summary_layers=[0,1]", "encoder.num_layers=3")).eval()
+    return SpeechLLM(tiny_config("adaptor.summary_layers=[0,1]", "encoder.num_layers=4")).eval()
 
 
 def test_locator_crop_reruns_the_later_blocks_on_the_frames_around_the_peak(tmp_path, crop_model):
@@ -618,21 +619,24 @@ def test_locator_crop_reruns_the_later_blocks_on_the_frames_around_the_peak(tmp_
     padded = torch.nn.utils.rnn.pad_sequence(feats, batch_first=True)
     lens = torch.tensor([m.shape[0] for m in feats])
     with torch.no_grad():
-        _, enc_lens, hidden = crop_model.encoder.forward_layers(padded, lens, [0, 1, 2])
+        _, enc_lens, hidden = crop_model.encoder.forward_layers(padded, lens, [0, 1, 2, 3])
         weights = summary.frame_weights(hidden[:2], enc_lens)
-        # A crop wider than every utterance is the whole utterance: blocks 1 and 2 of the one full pass.
-        set_locator_crop(crop_model, 1000)
+        # A crop wider than every utterance is the whole utterance: blocks 1-3 of the one full pass.
+        set_locator_crop(crop_model, 100000)
         whole = crop_model.located_stats(hidden[:2], enc_lens)
-        assert whole.shape == (3, crop_model.crop_stats_dim(1)) == (3, 2 * 2 * hidden[0].shape[-1])
+        assert whole.shape == (3, crop_model.crop_stats_dim(1)) == (3, 2 * 3 * hidden[0].shape[-1])
+        assert crop_model.crop_stats_dim(1) != summary.stats_dim
         assert torch.allclose(whole, weighted_stats(hidden[1:], weights, min_count=1e-30), atol=1e-5)
-        # A narrow one: block 1's frames within 3 of the peak, block 2 run on them alone, item by item.
+        # A narrow one: block 1's frames within 3 of the peak, blocks 2 and 3 run on them alone, item by item.
         set_locator_crop(crop_model, 3)
         narrow = crop_model.located_stats(hidden[:2], enc_lens)
         for i in range(3):
             n, peak = int(enc_lens[i]), int(weights[i].argmax())
             first, last = max(0, peak - 3), min(n, peak + 4)
-            x = hidden[1][i:i + 1, first:last]
-            expected = weighted_stats([x, crop_model.encoder.layers[2](x, None)], weights[i:i + 1, first:last], 1e-30)
+            x = [hidden[1][i:i + 1, first:last]]
+            for block in crop_model.encoder.layers[2:]:
+                x.append(block(x[-1], None))
+            expected = weighted_stats(x, weights[i:i + 1, first:last], 1e-30)
             assert torch.allclose(narrow[i], expected[0], atol=1e-5)
         assert not torch.allclose(narrow, whole, atol=1e-3)
     for row, batched in zip(rows[:5], pooled_stats(crop_model, rows[:5], batch_size=2, window=3, located=True)):
@@ -652,9 +656,20 @@ def test_locator_crop_reruns_the_later_blocks_on_the_frames_around_the_peak(tmp_
     assert again.config.adaptor.locator_crop == 3
     assert torch.equal(again.summary.heads["event"].weight, crop_model.summary.heads["event"].weight)
     assert labels(again) == labels(crop_model)
-    # A locator fitted again on another block keeps the crop, its statistics from that block on.
+    # A locator fitted again on another block keeps the crop, its statistics from that block on, and a head fitted
+    # again on them is saved and read back at that width.
     fit_locator(crop_model, "event", rows, layer=0)
-    assert crop_model.summary.located_dim == crop_model.crop_stats_dim(0) == 3 * 2 * hidden[0].shape[-1]
+    assert crop_model.summary.located_dim == crop_model.crop_stats_dim(0) == 4 * 2 * hidden[0].shape[-1]
+    fit_model_head(crop_model, "event", rows, group_by="extra.event.clip", dropout=0.3)
+    again = checkpoint.load(checkpoint.save(crop_model, tmp_path / "refit")).eval()
+    assert again.config.adaptor.locator_layer == 0
+    assert again.summary.heads["event"].weight.shape[1] == 4 * 2 * hidden[0].shape[-1]
+    assert labels(again) == labels(crop_model)
+    # The located statistics belong to one head: a locator for another field is refused while it is there.
+    from osum.model.tag_heads import install_locator
+
+    with pytest.raises(ValueError, match="the event head reads this model's located statistics"):
+        install_locator(crop_model, "age", 0, torch.zeros(1, hidden[0].shape[-1]), torch.zeros(1))
     set_locator_crop(crop_model, None)
     assert crop_model.summary.located_dim == crop_model.summary.stats_dim
     assert crop_model.config.adaptor.locator_crop is None
@@ -691,6 +706,7 @@ def test_export_fits_a_cropped_head_with_dropout_on_two_lists(tmp_path, crop_mod
                  "--tag-head-groups", "event=extra.event.clip"]) == 0
     err = capsys.readouterr().err
     assert f"in 10 utterances of {first}" in err  # the locator: the first list's spans (the second has none)
+    assert "event head reads the 11 frames around the locator's peak" in err
     assert f"event head fitted on 14 utterances of {first} + {second}" in err
     exported = checkpoint.load(tmp_path / "out").eval()
     adaptor = exported.config.adaptor
@@ -700,6 +716,13 @@ def test_export_fits_a_cropped_head_with_dropout_on_two_lists(tmp_path, crop_mod
     reference = fit_linear(stats, torch.tensor([tasks.LABELS["event"].index(r["event"]) for r in rows]),
                            len(tasks.LABELS["event"]), dropout=0.3)
     assert torch.allclose(exported.summary.heads["event"].weight, reference[0], atol=1e-4)
+    # From a cropped model, a head fitted again without --locate-tag-head reads the same crop.
+    assert main(["export", str(tmp_path / "out"), "--out", str(tmp_path / "again"), "--fit-tag-heads",
+                 f"event={first}"]) == 0
+    assert checkpoint.load(tmp_path / "again").config.adaptor.locator_crop == 5
+    with pytest.raises(SystemExit, match="given twice"):
+        main(["export", str(source), "--out", str(tmp_path / "x"), "--fit-tag-heads", f"event={first}",
+              "--fit-tag-heads", f"event={first}"])
     for args, message in ((["--locator-crop", "5"], "only --locate-tag-head"),
                           (["--locate-tag-head", "event", "--locator-crop", "0"], "at least 1"),
                           (["--tag-head-dropout", "event=0.3"], "none is given")):

@@ -315,14 +315,17 @@ def headline(summary: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def _sources_of_answers(gen: dict, tag_heads: list[str] | None = None, located: str | None = None) -> list[str]:
+def _sources_of_answers(gen: dict, tag_heads: list[str] | None = None, located: str | None = None,
+                        crop: int | None = None) -> list[str]:
     """Report lines for the model's decoding defaults that take parts of an answer from outside the LLM's text."""
     lines = []
     if gen.get("summary_tags"):
         headed = [f for f in gen["summary_tags"] if f in (tag_heads or [])]
         by_head = f" ({', '.join(headed)} by a linear head fitted on its statistics)" if headed else ""
         if located in headed:
-            by_head = by_head[:-1] + f"; for {located}, pooled where a fitted frame locator hears it)"
+            where = (f"from the {2 * crop + 1} frames around a fitted frame locator's peak" if crop else
+                     "pooled where a fitted frame locator hears it")
+            by_head = by_head[:-1] + f"; for {located}, {where})"
         lines.append(f"- labels read off the voice summary, not the text: {', '.join(gen['summary_tags'])}{by_head}")
     if gen.get("word_times") == "ctc":
         start, end = gen.get("ctc_time_offsets", [0.0, 0.0])
@@ -354,7 +357,8 @@ def render_markdown(summary: dict) -> str:
     if summary.get("command"):
         lines += ["Command (every option spelled out):", "", "```", summary["command"], "```", ""]
     lines += _search(run)
-    lines += _sources_of_answers(run.get("generation") or {}, run.get("tag_heads"), run.get("located_head"))
+    lines += _sources_of_answers(run.get("generation") or {}, run.get("tag_heads"), run.get("located_head"),
+                                 run.get("locator_crop"))
     lines += ["| model | utterances | failed | missing output | with parse errors | audio s | wall s |",
               "|---|---|---|---|---|---|---|",
               f"| {run.get('model', '?')} | {c['utterances']} | {c['failed']} | {c['missing_hyp']} | "

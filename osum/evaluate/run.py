@@ -270,6 +270,7 @@ def evaluate(model, data: str | Path, task: str | None, out: str | Path, options
         "generation": dataclasses.asdict(gen),  # the decoding settings in full, the model's defaults included
         "tag_heads": list(model.config.adaptor.tag_heads),  # summary_tags fields read off a fitted head
         "located_head": model.config.adaptor.located_head,  # the one of them read where its locator hears it
+        "locator_crop": model.config.adaptor.locator_crop,  # and from the frames around the locator's peak
     }
     if command is None:
         command = " ".join(["osum", "eval", "--model", model_name, "--data", str(data), "--task", str(spec),

@@ -207,6 +207,6 @@ class VoiceSummary(nn.Module):
         return torch.sigmoid(scores[..., 0]) * keep
 
     def head_scores(self, stats: torch.Tensor, field: str) -> torch.Tensor:
-        """(B, stats_dim) pooled statistics → (B, labels) scores of the field's fitted head."""
+        """(B, head_dim(field)) statistics → (B, labels) scores of the field's fitted head."""
         head = self.heads[field]  # in float32 whatever the model's dtype (see checkpoint._keep_fp32)
         return F.linear(stats.float(), head.weight.float(), head.bias.float())

@@ -55,7 +55,7 @@ class Encoded:
     adaptor_lens: torch.Tensor  # (B,)
     summary: torch.Tensor | None  # (B, H) the voice summary position, when the model has one
     stats: torch.Tensor | None  # (B, stats_dim) its pooled statistics (float32)
-    located: torch.Tensor | None = None  # (B, stats_dim) the same pooled with the frame locator's weights
+    located: torch.Tensor | None = None  # (B, located_dim) the located head's statistics (located_stats), not in training
 
     def take(self, index: torch.Tensor) -> Encoded:
         """The items at `index` (their padding stays the batch's: each item is read up to its own length)."""
@@ -190,7 +190,9 @@ class SpeechLLM(nn.Module):
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The summary's blocks → its position, pooled statistics and (with a frame locator) located statistics."""
         stats = self.summary.pool(hidden, encoder_lens)
-        located = self.located_stats(hidden, encoder_lens) if self.summary.locator is not None else None
+        # only the fitted head reads them, never a training loss: a crop would run the later blocks for nothing
+        located = (self.located_stats(hidden, encoder_lens) if self.summary.locator is not None and not self.training
+                   else None)
         return self.summary.project(stats), stats, located
 
     def crop_stats_dim(self, locator_layer: int) -> int:
@@ -208,6 +210,7 @@ class SpeechLLM(nn.Module):
             return self.summary.pool(hidden, encoder_lens, located=True)
         weights = self.summary.frame_weights(hidden, encoder_lens)  # (B, T'), 0 past each item's end
         frames = hidden[self.summary.layers.index(self.summary.locator_layer)]
+        crop = min(crop, frames.shape[1])  # a wider crop holds nothing more, only padding
         index = weights.argmax(-1)[:, None] + torch.arange(-crop, crop + 1, device=weights.device)  # (B, 2W+1)
         valid = (index >= 0) & (index < encoder_lens[:, None])
         index = index.clamp(0, frames.shape[1] - 1)
@@ -416,7 +419,7 @@ class SpeechLLM(nn.Module):
     def summary_stats(self, features: torch.Tensor, feature_lens: torch.Tensor, located: bool = False
                       ) -> torch.Tensor:
         """(B, stats_dim) the voice summary's pooled statistics of each item (VoiceSummary.pool), from the
-        encoder alone; `located`: the located head's (`located_stats`)."""
+        encoder alone; `located`: the located head's, (B, located_dim) (`located_stats`)."""
         if self.summary is None:
             raise ValueError("this model has no voice summary (model.adaptor.summary_layers)")
         _, encoder_lens, hidden = self.encoder.forward_layers(features, feature_lens, self.summary.layers)

@@ -45,8 +45,8 @@ class HeadFit:
 
 
 # The dropout fit's schedule (fit_linear with dropout > 0): epochs, batch, peak learning rate, warm-up steps and
-# AdamW's weight decay. On osum-tiny's event head, dropout 0.3 and 0.5 held out within a point of each other
-# (model card, recipes/osum-tiny/event_readers.py).
+# AdamW's weight decay. On osum-tiny's event head, dropout 0.3 and 0.5 held out 1.2 points apart, within fold
+# noise (model card, recipes/osum-tiny/event_readers.py).
 DROPOUT_FIT = {"epochs": 15, "batch": 32, "lr": 1e-3, "warmup": 20, "weight_decay": 0.05}
 
 
@@ -169,8 +169,9 @@ def encoder_batches(model, rows: Sequence[dict], batch_size: int, window: int
 @torch.no_grad()
 def pooled_stats(model, rows: Sequence[dict], batch_size: int = 8, window: int = 256,
                  located: bool = False) -> list[torch.Tensor | None]:
-    """Each row's voice-summary statistics (`SpeechLLM.summary_stats`, `located` with the frame locator's
-    weights); None for audio longer than the encoder's window (the summary of a longer input is not one pass)."""
+    """Each row's voice-summary statistics (`SpeechLLM.summary_stats`; `located`: the located head's, pooled with
+    the frame locator's weights, over a crop with `adaptor.locator_crop`); None for audio longer than the
+    encoder's window (the summary of a longer input is not one pass)."""
     out: list[torch.Tensor | None] = [None] * len(rows)
     for index, padded, lens in encoder_batches(model, rows, batch_size, window):
         for i, row in zip(index, model.summary_stats(padded, lens, located=located).cpu()):
@@ -282,6 +283,10 @@ def install_locator(model, field: str, layer: int, weight: torch.Tensor, bias: t
         locator.weight.copy_(weight)
         locator.bias.copy_(bias)
     locator.requires_grad_(False)
+    if summary.located not in (None, field) and summary.located in summary.heads:
+        raise ValueError(f"a frame locator for {field!r}: the {summary.located} head reads this model's located "
+                         f"statistics; fit the locator for {summary.located} again, or export from a model without "
+                         "one")
     summary.locator, summary.locator_layer, summary.located = locator, layer, field
     model.config.adaptor.located_head, model.config.adaptor.locator_layer = field, layer
     if model.config.adaptor.locator_crop is not None:  # a crop's statistics start at the locator's block
@@ -304,8 +309,9 @@ def fit_model_head(model, field: str, rows: Sequence[dict], reg: float = 1e-2, g
                    folds: int = 5, dropout: float = 0.0) -> HeadFit:
     """Fit `field`'s head on labelled rows (an `audio` path and the field's label) and install it in `model`
     (its summary's heads and `config.adaptor.tag_heads`); the located field (`fit_locator`) reads statistics
-    pooled with its locator's weights. `reg` and `dropout`: `fit_linear`'s. Rows without a label of the field's
-    vocabulary, or with audio longer than one encoder pass, are counted by reason and left out."""
+    pooled with its locator's weights (`SpeechLLM.located_stats`). `reg` and `dropout`: `fit_linear`'s. Rows
+    without a label of the field's vocabulary, or with audio longer than one encoder pass, are counted by reason
+    and left out."""
     if model.summary is None:
         raise ValueError("tag heads read the voice summary's statistics: the model has none "
                          "(model.adaptor.summary_layers)")

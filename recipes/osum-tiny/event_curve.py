@@ -1,15 +1,16 @@
 """How does the event head grow with what it is fitted on? The learning curves behind the model card's event limit.
 
-The released event head (a frame locator, then a linear head over the statistics it weights: `osum export
---locate-tag-head event`) is fitted again, locator and head, on part of the training split's event utterances
-and scored on the held-out packs' test list. Two curves, each point the mean over `--draws` random draws:
+The located event head (a frame locator, then a linear head, L-BFGS, over the statistics it weights: `osum
+export --locate-tag-head event`, release 7's) is fitted again, locator and head, on part of the training
+split's event utterances and scored on the held-out packs' test list. Two curves, each point the mean over
+`--draws` random draws:
 
 - recordings: a fraction of each label's recordings (`extra.event.recording`; at least one), every utterance of
   the recordings kept. The slope says what more recordings of these kinds would bring.
 - utterances: every recording, a fraction of each one's utterances (at least one). The slope says what more
   insertions of the same recordings (more draws of level, pitch and position) would bring.
 
-The full set is the released fit, so its point must match the model card's test figure. Each utterance's
+With release 7's weights the full set is that release's own fit, so its point matches its test figure. Each utterance's
 encoder blocks are computed once and reused by every fit (10 min in all on 2 CPU cores):
 
     python recipes/osum-tiny/event_curve.py --model osum-tiny --data data/osum-tiny

@@ -1,6 +1,6 @@
 """Would training the encoder help the event head? A measurement on the model's own event utterances.
 
-The released event head is linear over the frozen encoder's statistics, pooled with the frame locator's weights
+Release 7's event head is linear over the frozen encoder's statistics, pooled with the frame locator's weights
 over the whole utterance. This reads the event more closely and lets the encoder learn:
 
 - each utterance is cut to the frames within `--window` of the locator's highest-scoring frame, at the output of
@@ -13,7 +13,8 @@ over the whole utterance. This reads the event more closely and lets the encoder
 
 Each reader is scored as the export scores its head: 5-fold cross-validation with each recording's utterances held
 out together (`extra.event.recording`), and on the held-out packs' test list after a fit on every training row. The
-first row is the released head's own fit, for reference. About 23 min on 2 CPU cores for the default `--tune 0,1`:
+first row is that whole-utterance head's own fit (release 7's), for reference. About 23 min on 2 CPU cores for
+the default `--tune 0,1`:
 
     python recipes/osum-tiny/event_finetune.py --model osum-tiny --data data/osum-tiny
 """
@@ -43,7 +44,7 @@ FOLDS = 5
 @dataclass
 class Crops:
     """Every row's crop at the locator's block, zero-padded: frames (N, T, D), locator weights (N, T), valid (N, T);
-    and the released head's statistics of the whole utterance (N, S)."""
+    and the whole-utterance head's statistics (N, S)."""
 
     frames: torch.Tensor
     weights: torch.Tensor
@@ -54,8 +55,9 @@ class Crops:
 @torch.no_grad()
 def crop_rows(model, rows: list[dict], window: int) -> Crops:
     """Each row's frames of the locator's block within `window` of its highest-scoring frame (2 * window + 1 at
-    most, fewer at an utterance's edge), the locator's weights there, and the released head's located statistics
-    of the whole utterance (batched as `pooled_stats` batches, so they are the export's to the bit)."""
+    most, fewer at an utterance's edge), the locator's weights there, and the locator-weighted statistics of the
+    whole utterance (batched as `pooled_stats` batches, so for a model without a crop they are the export's to the
+    bit)."""
     summary = model.summary
     block = summary.layers.index(summary.locator_layer)
     frames, weights, released = [None] * len(rows), [None] * len(rows), [None] * len(rows)
@@ -168,7 +170,7 @@ def main() -> None:
     ap.add_argument("--block-lr", type=float, default=3e-5)
     ap.add_argument("--weight-decay", type=float, default=0.05)
     ap.add_argument("--dropout", type=float, default=0.3)
-    ap.add_argument("--reg", type=float, default=1e-2, help="the released head's L2 penalty (as the export's)")
+    ap.add_argument("--reg", type=float, default=1e-2, help="the whole-utterance head's L2 penalty (as the export's)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.window < 1 or args.epochs < 1 or args.batch < 1:
@@ -213,7 +215,7 @@ def main() -> None:
     held = cross_validate(crops.released, y, groups, len(vocab), args.reg, folds=FOLDS)
     weight, bias = fit_linear(crops.released, y, len(vocab), args.reg)
     test_acc = float(((test_crops.released @ weight.T + bias).argmax(-1) == y_test).float().mean())
-    print(f"| the released head (whole utterance, locator-weighted; L-BFGS) | 0 | {held:.1%} | {test_acc:.1%} |",
+    print(f"| the whole-utterance head (locator-weighted; L-BFGS) | 0 | {held:.1%} | {test_acc:.1%} |",
           flush=True)
     for tuned in tunes:
         inputs = frozen_outputs(later, crops, len(later) - tuned)

@@ -2,8 +2,9 @@
 
 An event head (osum/model/tag_heads.py) reads the mean and spread of whisper blocks, where a short vocal event
 shares the frames with speech. This fits the same regularised head on several poolings of the same blocks: over
-the whole utterance (release 5's head), weighted by the model's fitted frame locator (the released head, when the
-model has one: `osum export --locate-tag-head event`), and an oracle that pools only the frames of the inserted
+the whole utterance (release 5's head), weighted by the model's fitted frame locator (release 6 and 7's head, when
+the model has one: `osum export --locate-tag-head event`; over the crop around its peak with `--locator-crop`,
+release 8's statistics), and an oracle that pools only the frames of the inserted
 event (its span is in the training rows' `extra.event`). It scores each by cross-validation with every event
 recording's utterances held out together (what unseen clips meet; `extra.event.recording`, since two packs may
 share one recording under two names) and on the held-out packs' test list:
@@ -92,8 +93,10 @@ def main() -> None:
         cv = cross_validate(x, y_train, groups, len(vocab), args.reg)
         weight, bias = fit_linear(x, y_train, len(vocab), args.reg)
         test_acc = float(((x_test @ weight.T + bias).argmax(-1) == y_test).float().mean())
-        print(f"| weighted by the model's frame locator (block {model.config.adaptor.locator_layer}), mean + std "
-              f"(the released head) | {cv:.1%} | {test_acc:.1%} |", flush=True)
+        crop = model.config.adaptor.locator_crop
+        where = f", the {2 * crop + 1} frames around its peak" if crop else ""
+        print(f"| weighted by the model's frame locator (block {model.config.adaptor.locator_layer}){where}, mean + "
+              f"std (the export's L-BFGS fit) | {cv:.1%} | {test_acc:.1%} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,10 @@ def main() -> None:
                 + [("AdamW, dropout " + d, 1e-2, float(d)) for d in args.dropouts.split(",")])
     except ValueError:
         raise SystemExit(f"--regs {args.regs!r} / --dropouts {args.dropouts!r}: comma-separated numbers") from None
-    if any(not 0 <= d < 1 for _, _, d in fits):
-        raise SystemExit(f"--dropouts {args.dropouts!r}: each a share from 0 up to below 1")
+    if any(reg <= 0 for _, reg, d in fits if not d):
+        raise SystemExit(f"--regs {args.regs!r}: each penalty above 0")
+    if any(not 0 < d < 1 for name, _, d in fits if name.startswith("AdamW")):
+        raise SystemExit(f"--dropouts {args.dropouts!r}: each a share above 0 and below 1")
     data = Path(args.data)
     lists = {"train": data / "train_synth_ved.jsonl", "extra": data / args.extra, "test": data / "test_synth_ved.jsonl"}
     for path in lists.values():
@@ -87,6 +89,9 @@ def main() -> None:
                 scored = torch.arange(len(labels)) < len(rows["train"])
                 held = cross_validate(x, labels, groups[:len(labels)], len(vocab), reg, scored=scored,
                                       dropout=dropout)
+                if held is None:
+                    raise SystemExit(f"the training rows' {len(set(groups))} recordings fall into one fold: too few "
+                                     "to hold any out")
                 weight, bias = fit_linear(x, labels, len(vocab), reg, dropout=dropout)
                 test = float(((stats["test"] @ weight.T + bias).argmax(-1) == y["test"]).float().mean())
                 print(f"| {reader} | {fit} | {'yes' if extra else 'no'} | {held:.1%} | {test:.1%} |", flush=True)

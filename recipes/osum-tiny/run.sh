@@ -59,7 +59,7 @@ if run_stage 1; then
   if [ -f "${coughs[0]}" ]; then
     "$PYTHON" "$here/event_sources.py" --data "$DATA" --clips "cough=${coughs[0]%/*}/Cough-*.wav" \
       --write "$DATA/train_extra_ved.jsonl"
-  else
+  elif [ ! -f "$DATA/train_extra_ved.jsonl" ]; then
     echo "Scratch's coughs are not installed (apt-get install scratch): the event head is fitted without them"
   fi
 fi
@@ -97,8 +97,8 @@ if run_stage 6; then
       if [ -f "$DATA/train_extra_ved.jsonl" ]; then fit+=(--fit-tag-heads "event=$DATA/train_extra_ved.jsonl"); fi
       # (the locator needs the events' spans, which osum synth records; a corpus without them gets the plain head)
       # The head reads the LOCATOR_CROP frames each side of the locator's peak, the later blocks run again on
-      # them, and is fitted with dropout: 4-12 points more held out by recording than the whole utterance's
-      # L-BFGS fit (model card)
+      # them, and is fitted with dropout (2-4 points more held out by recording than L-BFGS); with the coughs, 10
+      # points over release 7's whole-utterance L-BFGS head (model card, recipes/osum-tiny/event_readers.py)
       if grep -q '"span"' "$DATA/train_synth_ved.jsonl"; then
         fit+=(--locate-tag-head event --locator-crop "${LOCATOR_CROP:-40}" --tag-head-dropout event=0.3)
       fi
