@@ -206,6 +206,21 @@ class VoiceSummary(nn.Module):
         keep = torch.arange(h.shape[1], device=lens.device)[None, :] < lens[:, None]
         return torch.sigmoid(scores[..., 0]) * keep
 
+    def crop(self, hidden: list[torch.Tensor], lens: torch.Tensor, window: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The locator block's frames within `window` of each item's highest-scoring frame (fewer at the item's
+        edges), left-aligned: frames (B, W, D_enc), their locator weights (B, W, 0 where not valid) and which are
+        valid (B, W), W = min(2 * window + 1, T')."""
+        weights = self.frame_weights(hidden, lens)
+        frames = hidden[self.layers.index(self.locator_layer)]
+        peak = weights.argmax(-1)  # a valid frame: the weights are 0 past each item's end and above 0 before it
+        first, last = (peak - window).clamp(min=0), torch.minimum(peak + window + 1, lens)
+        index = first[:, None] + torch.arange(min(2 * window + 1, frames.shape[1]), device=lens.device)
+        valid = index < last[:, None]
+        index = index.clamp(max=frames.shape[1] - 1)
+        picked = frames.gather(1, index[..., None].expand(-1, -1, frames.shape[-1]))
+        return picked, weights.gather(1, index) * valid, valid
+
     def head_scores(self, stats: torch.Tensor, field: str) -> torch.Tensor:
         """(B, head_dim(field)) statistics → (B, labels) scores of the field's fitted head."""
         head = self.heads[field]  # in float32 whatever the model's dtype (see checkpoint._keep_fp32)

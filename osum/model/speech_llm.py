@@ -55,7 +55,7 @@ class Encoded:
     adaptor_lens: torch.Tensor  # (B,)
     summary: torch.Tensor | None  # (B, H) the voice summary position, when the model has one
     stats: torch.Tensor | None  # (B, stats_dim) its pooled statistics (float32)
-    located: torch.Tensor | None = None  # (B, located_dim) the located head's statistics (located_stats), not in training
+    located: torch.Tensor | None = None  # (B, located_dim) the located head's (located_stats); not in training
 
     def take(self, index: torch.Tensor) -> Encoded:
         """The items at `index` (their padding stays the batch's: each item is read up to its own length)."""
@@ -208,18 +208,12 @@ class SpeechLLM(nn.Module):
         crop = self.config.adaptor.locator_crop
         if crop is None:
             return self.summary.pool(hidden, encoder_lens, located=True)
-        weights = self.summary.frame_weights(hidden, encoder_lens)  # (B, T'), 0 past each item's end
-        frames = hidden[self.summary.layers.index(self.summary.locator_layer)]
-        crop = min(crop, frames.shape[1])  # a wider crop holds nothing more, only padding
-        index = weights.argmax(-1)[:, None] + torch.arange(-crop, crop + 1, device=weights.device)  # (B, 2W+1)
-        valid = (index >= 0) & (index < encoder_lens[:, None])
-        index = index.clamp(0, frames.shape[1] - 1)
-        x = frames.gather(1, index[..., None].expand(-1, -1, frames.shape[-1]))
+        x, weights, valid = self.summary.crop(hidden, encoder_lens, crop)
         blocks, mask = [x], valid[:, None, None, :]
         for layer in list(self.encoder.layers)[self.summary.locator_layer + 1:]:
             x = layer(x, mask)
             blocks.append(x)
-        return weighted_stats(blocks, weights.gather(1, index) * valid, min_count=torch.finfo(torch.float32).tiny)
+        return weighted_stats(blocks, weights, min_count=torch.finfo(torch.float32).tiny)
 
     def _encode(self, features: torch.Tensor, feature_lens: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -289,8 +289,13 @@ def install_locator(model, field: str, layer: int, weight: torch.Tensor, bias: t
                          "one")
     summary.locator, summary.locator_layer, summary.located = locator, layer, field
     model.config.adaptor.located_head, model.config.adaptor.locator_layer = field, layer
-    if model.config.adaptor.locator_crop is not None:  # a crop's statistics start at the locator's block
-        summary.located_dim = model.crop_stats_dim(layer)
+    _sync_located_dim(model)
+
+
+def _sync_located_dim(model) -> None:
+    """The located head's width as the config now says: a crop's statistics start at the locator's block."""
+    crop, summary = model.config.adaptor.locator_crop, model.summary
+    summary.located_dim = summary.stats_dim if crop is None else model.crop_stats_dim(summary.locator_layer)
 
 
 def set_locator_crop(model, crop: int | None) -> None:
@@ -302,7 +307,7 @@ def set_locator_crop(model, crop: int | None) -> None:
     if crop is not None and (isinstance(crop, bool) or not isinstance(crop, int) or crop < 1):
         raise ValueError(f"locator crop {crop!r}: frames each side of the locator's peak, a positive integer")
     model.config.adaptor.locator_crop = crop
-    summary.located_dim = summary.stats_dim if crop is None else model.crop_stats_dim(summary.locator_layer)
+    _sync_located_dim(model)
 
 
 def fit_model_head(model, field: str, rows: Sequence[dict], reg: float = 1e-2, group_by: str | None = None,

@@ -59,17 +59,14 @@ def crop_rows(model, rows: list[dict], window: int) -> Crops:
     whole utterance (batched as `pooled_stats` batches, so for a model without a crop they are the export's to the
     bit)."""
     summary = model.summary
-    block = summary.layers.index(summary.locator_layer)
     frames, weights, released = [None] * len(rows), [None] * len(rows), [None] * len(rows)
     for index, padded, lens in encoder_batches(model, rows, batch_size=8, window=256):
         _, encoder_lens, hidden = model.encoder.forward_layers(padded, lens, summary.layers)
-        w = summary.frame_weights(hidden, encoder_lens)
+        crop, w, valid = summary.crop(hidden, encoder_lens, window)  # the model's own crop (locator_crop)
         stats = summary.pool(hidden, encoder_lens, located=True)
         for j, i in enumerate(index):
-            n = int(encoder_lens[j])
-            peak = int(w[j, :n].argmax())
-            first, last = max(0, peak - window), min(n, peak + window + 1)
-            frames[i], weights[i] = hidden[block][j, first:last].float().cpu(), w[j, first:last].cpu()
+            n = int(valid[j].sum())
+            frames[i], weights[i] = crop[j, :n].float().cpu(), w[j, :n].cpu()
             released[i] = stats[j].cpu()
     too_long = [rows[i]["key"] for i, f in enumerate(frames) if f is None]
     if too_long:
