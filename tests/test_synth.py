@@ -3,6 +3,7 @@ and whole builds with a fake TTS engine (deterministic, re-runnable, disjoint sp
 exercised by the tests at the end, skipped only when their programs are not installed."""
 import json
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from osum.data.mixture import load_mixture
 from osum.data.shards import read_samples, resolve_sources
 from osum.data.stats import PipelineStats
 from osum.data.synth import align, effects, opentext, real, text as textgen, voices
+from osum.data.synth import build as build_module
 from osum.data.synth.build import FAMILIES, SynthConfig, build, select_voices
 from osum.evaluate.run import read_eval_set
 
@@ -357,6 +359,105 @@ def test_a_new_seed_changes_only_what_the_seed_decides(tmp_path):
                           events_root=str(events)), registry=FAKE_VOICES, available=lambda v: None, synthesizer=fake_tts)
     assert a["text"]["pool"] != b["text"]["pool"] or a["splits"] != b["splits"]
     assert not (tmp_path / "a" / "test_real.jsonl").exists()
+
+
+def _piper_like_tts(voice, requests, workdir):
+    """fake_tts plus noise drawn in one sequence over the batch, seeded by its lines, as a seeded piper draws it."""
+    rng = np.random.default_rng(voices.piper_seed([t for t, _, _ in requests]))
+    return [voices.Speech(s.wav + 0.01 * rng.standard_normal(len(s.wav)).astype(np.float32), s.words)
+            for s in fake_tts(voice, requests, workdir)]
+
+
+@needs_sox
+def test_a_resumed_piper_chunk_is_spoken_whole_and_comes_out_the_same(tmp_path):
+    registry = {"fake-piper": voices.Voice("fake-piper", "piper", "p", "male", "train"),
+                **{k: v for k, v in FAKE_VOICES.items() if k != "fake-m"}}
+    calls = []
+
+    def tts(voice, requests, workdir):
+        calls.append((voice.id, len(requests)))
+        return _piper_like_tts(voice, requests, workdir)
+
+    events = _events(tmp_path)
+
+    def run(out):
+        return build(SynthConfig(out=out, sentences=40, test_per_task=1, valid=2, seed=3, real=False,
+                                 events_root=str(events)),
+                     registry=registry, available=lambda v: None, synthesizer=tts)
+
+    run(tmp_path / "a")
+    spoken = sorted((tmp_path / "a" / "audio").glob("*/*.json"))
+    piper = [m for m in spoken if json.loads(m.read_text())["sample"]["speaker"] == "fake-piper"]
+    assert 2 <= len(piper) <= build_module.PIPER_CHUNK  # one chunk
+    before = {m.name: m.with_suffix(".flac").read_bytes() for m in spoken}
+    piper[1].with_suffix(".flac").unlink()
+    piper[1].unlink()
+    calls.clear()
+    again = run(tmp_path / "a")
+    assert again["build"]["synthesised_now"] == 1 and again["failures"] == []
+    assert calls == [("fake-piper", len(piper))]  # the whole chunk again, for the one missing utterance
+    assert {m.name: m.with_suffix(".flac").read_bytes() for m in spoken} == before
+
+
+def _fake_piper_install(tmp_path, shebang):
+    """A piper console script whose noise comes from onnxruntime's seed, when set (both faked on PYTHONPATH)."""
+    site = tmp_path / "site"
+    (site / "piper").mkdir(parents=True)
+    (site / "onnxruntime.py").write_text("SEED = None\ndef set_seed(seed):\n    global SEED\n    SEED = seed\n")
+    (site / "piper" / "__init__.py").write_text("")
+    (site / "piper" / "__main__.py").write_text(
+        "import argparse, os, random, time, wave\nimport onnxruntime\n"
+        "def main():\n"
+        "    p = argparse.ArgumentParser(); p.add_argument('-m'); p.add_argument('-i'); p.add_argument('-d')\n"
+        "    a = p.parse_args()\n"
+        "    rng = random.Random(onnxruntime.SEED if onnxruntime.SEED is not None else os.urandom(8))\n"
+        "    for line in open(a.i, encoding='utf-8'):\n"
+        "        frames = bytes(rng.randrange(256) for _ in range(2 * (4000 + rng.randrange(800))))\n"
+        "        with wave.open(os.path.join(a.d, f'{time.monotonic_ns()}.wav'), 'wb') as w:\n"
+        "            w.setnchannels(1); w.setsampwidth(2); w.setframerate(16000); w.writeframes(frames)\n")
+    exe = tmp_path / "bin" / "piper"
+    exe.parent.mkdir()
+    exe.write_text(f"#!{shebang}\nimport sys\nfrom piper.__main__ import main\nsys.exit(main())\n")
+    exe.chmod(0o755)
+    (tmp_path / "voice.onnx").write_bytes(b"")
+    return site, exe
+
+
+def test_piper_is_seeded_by_its_lines_through_its_own_interpreter(tmp_path, monkeypatch):
+    site, exe = _fake_piper_install(tmp_path, sys.executable)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.setenv("OSUM_PIPER", str(exe))
+    monkeypatch.setenv("OSUM_PIPER_MODEL", str(tmp_path / "voice.onnx"))
+    assert voices.piper_python(str(exe)) == sys.executable
+    voice = voices.Voice("piper-x", "piper", "x", "male", "train")
+    lines = [("One line.", 1.0, 1.0), ("Another line.", 1.0, 1.0)]
+    first, second = (voices.synthesize(voice, lines, str(tmp_path)) for _ in range(2))
+    assert [len(s.wav) for s in first] == [len(s.wav) for s in second]
+    assert all(np.array_equal(a.wav, b.wav) for a, b in zip(first, second))
+    other = voices.synthesize(voice, lines[::-1], str(tmp_path))  # other lines, another seed
+    assert not np.array_equal(other[1].wav, first[0].wav)
+    assert voices.piper_seed(["a", "b"]) == voices.piper_seed(["a", "b"]) != voices.piper_seed(["b", "a"])
+
+
+def test_a_piper_that_is_no_python_script_is_run_unseeded_with_a_warning(tmp_path, monkeypatch):
+    shell = tmp_path / "piper.sh"
+    shell.write_text("#!/bin/sh\nexit 0\n")
+    shell.chmod(0o755)
+    assert voices.piper_python(str(shell)) is None
+    env_style = tmp_path / "piper-env"
+    env_style.write_text("#!/usr/bin/env python3\n")
+    assert voices.piper_python(str(env_style)) == shutil.which("python3")
+    site, exe = _fake_piper_install(tmp_path, sys.executable)
+    runner = tmp_path / "bin" / "piper-bin"  # a launcher that is not a Python console script
+    runner.write_text(f"#!/bin/sh\nexec {sys.executable} {exe} \"$@\"\n")
+    runner.chmod(0o755)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    monkeypatch.setenv("OSUM_PIPER", str(runner))
+    monkeypatch.setenv("OSUM_PIPER_MODEL", str(tmp_path / "voice.onnx"))
+    with pytest.warns(RuntimeWarning, match="cannot be seeded"):
+        out = voices.synthesize(voices.Voice("piper-x", "piper", "x", "male", "train"), [("A line.", 1.0, 1.0)],
+                                str(tmp_path))
+    assert len(out) == 1 and len(out[0].wav) >= 4000
 
 
 def test_voice_selection_names_what_is_wrong():

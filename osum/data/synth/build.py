@@ -388,19 +388,24 @@ def run_chunk(args: tuple[list[dict], Context]) -> list[tuple[str, dict | None, 
     if not todo:
         return results
     voice = ctx.voices[todo[0]["voice"]]
+    # A piper process's noise follows all its lines (voices._piper), so a resumed chunk is spoken whole again
+    # and only its missing utterances kept: the same audio as a build that was never stopped.
+    batch = jobs if voice.engine == "piper" else todo
     workdir = tempfile.mkdtemp(prefix="osum-synth-")
     try:
         start = time.perf_counter()
         requests = [(j["text"], j["prosody"]["rate"] if voice.engine_rate else 1.0, j["prosody"]["pitch_range"])
-                    for j in todo]
+                    for j in batch]
         try:
             speeches = ctx.synthesizer(voice, requests, workdir)
         except (RuntimeError, OSError, ValueError) as e:
-            if len(todo) == 1:
+            if len(batch) == 1:
                 return results + [(todo[0]["key"], None, f"synthesis: {e}", 0.0)]
             speeches = None  # one bad text fails a batch: retry one at a time to find it
-        per = (time.perf_counter() - start) / len(todo)
-        for i, job in enumerate(todo):
+        per = (time.perf_counter() - start) / len(batch)
+        index = {j["key"]: i for i, j in enumerate(batch)}
+        for job in todo:
+            i = index[job["key"]]
             t0 = time.perf_counter()
             try:
                 speech = speeches[i] if speeches is not None else ctx.synthesizer(voice, [requests[i]], workdir)[0]

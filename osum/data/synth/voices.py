@@ -7,11 +7,13 @@ espeak-ng, flite, festival and piper are GPL tools that osum runs, never links o
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
@@ -215,17 +217,51 @@ def _pico(voice: Voice, text: str, rate: float, out: str) -> None:
     _run(["pico2wave", "-l", voice.name, "-w", out, f"<speed level='{round(100 * rate)}'>{escape(text)}</speed>"])
 
 
+# Piper's VITS draws noise inside its ONNX graph (phoneme lengths and the waveform) from onnxruntime's global
+# generator, so unseeded the same line comes out at another length on every run. Run by the interpreter of
+# piper's own install, it is seeded first: the same lines in the same order give the same audio.
+_SEEDED_PIPER = ("import sys, onnxruntime; onnxruntime.set_seed(int(sys.argv.pop(1))); "
+                 "from piper.__main__ import main; sys.argv[0] = 'piper'; main()")
+
+
+def piper_python(exe: str) -> str | None:
+    """The Python interpreter that runs a piper console script (its #! line), or None if it is not one."""
+    try:
+        with open(exe, "rb") as f:
+            first = f.readline(1024).decode("utf-8", "replace")
+    except OSError:
+        return None
+    words = first[2:].split() if first.startswith("#!") else []
+    if words and os.path.basename(words[0]) == "env" and len(words) > 1:
+        words = [shutil.which(words[1]) or ""]
+    if not words or not os.path.basename(words[0]).startswith("python") or not os.access(words[0], os.X_OK):
+        return None
+    return words[0]
+
+
+def piper_seed(texts: list[str]) -> int:
+    """The seed of a piper process, from its lines: the same lines, the same noise."""
+    return int.from_bytes(hashlib.sha256("\n".join(texts).encode("utf-8")).digest()[:4], "big") & 0x7FFFFFFF
+
+
 def _piper(voice: Voice, texts: list[str], workdir: str) -> list[str]:
     """One piper process for many lines (its model takes seconds to load); files come back in line order."""
     model = piper_model(voice.name)
     if model is None:
         raise RuntimeError(missing(voice))
+    exe = piper_command()
+    python = piper_python(exe[0])
+    if python is not None:
+        exe = [python, "-c", _SEEDED_PIPER, str(piper_seed(texts))]
+    else:
+        warnings.warn(f"{exe[0]} is not a Python console script, so it cannot be seeded: its audio will "
+                      "differ from run to run", RuntimeWarning, stacklevel=2)
     outdir = tempfile.mkdtemp(prefix="piper-", dir=workdir)
     lines = os.path.join(outdir, "lines.txt")
     with open(lines, "w", encoding="utf-8") as f:
         for t in texts:
             f.write(" ".join(t.split()) + "\n")
-    _run([*piper_command(), "-m", model, "-i", lines, "-d", outdir], timeout=60 + 10 * len(texts))
+    _run([*exe, "-m", model, "-i", lines, "-d", outdir], timeout=60 + 10 * len(texts))
     # piper names each file by a monotonic clock reading, so numeric order is line order.
     files = sorted((p for p in os.listdir(outdir) if p.endswith(".wav")), key=lambda p: int(p[:-4]))
     if len(files) != len(texts):
