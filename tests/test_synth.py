@@ -279,10 +279,15 @@ def _events(tmp_path):
     return root
 
 
-def _build(out, events, utts, **kw):
+def _build(out, events, utts, registry=FAKE_VOICES, synthesizer=fake_tts, **kw):
     cfg = SynthConfig(out=out, sentences=kw.pop("sentences", 48), test_per_task=3, valid=4, seed=7,
                       events_root=str(events), **kw)
-    return build(cfg, registry=FAKE_VOICES, available=lambda v: None, synthesizer=fake_tts, real=utts)
+    return build(cfg, registry=registry, available=lambda v: None, synthesizer=synthesizer, real=utts)
+
+
+# FAKE_VOICES with the male training voice spoken as piper speaks (noise drawn over each process's lines)
+PIPER_VOICES = {"fake-piper": voices.Voice("fake-piper", "piper", "p", "male", "train"),
+                **{k: v for k, v in FAKE_VOICES.items() if k != "fake-m"}}
 
 
 @needs_sox
@@ -370,8 +375,6 @@ def _piper_like_tts(voice, requests, workdir):
 
 @needs_sox
 def test_a_resumed_piper_chunk_is_spoken_whole_and_comes_out_the_same(tmp_path):
-    registry = {"fake-piper": voices.Voice("fake-piper", "piper", "p", "male", "train"),
-                **{k: v for k, v in FAKE_VOICES.items() if k != "fake-m"}}
     calls = []
 
     def tts(voice, requests, workdir):
@@ -383,12 +386,12 @@ def test_a_resumed_piper_chunk_is_spoken_whole_and_comes_out_the_same(tmp_path):
     def run(out):
         return build(SynthConfig(out=out, sentences=40, test_per_task=1, valid=2, seed=3, real=False,
                                  events_root=str(events)),
-                     registry=registry, available=lambda v: None, synthesizer=tts)
+                     registry=PIPER_VOICES, available=lambda v: None, synthesizer=tts)
 
     run(tmp_path / "a")
-    spoken = sorted((tmp_path / "a" / "audio").glob("*/*.json"))
+    spoken = sorted((tmp_path / "a" / "audio" / "train").glob("*.json"))
     piper = [m for m in spoken if json.loads(m.read_text())["sample"]["speaker"] == "fake-piper"]
-    assert 2 <= len(piper) <= build_module.PIPER_CHUNK  # one chunk
+    assert 2 <= len(piper) <= build_module.PIPER_CHUNK  # the training split's one piper chunk
     before = {m.name: m.with_suffix(".flac").read_bytes() for m in spoken}
     piper[1].with_suffix(".flac").unlink()
     piper[1].unlink()
@@ -444,9 +447,6 @@ def test_a_piper_that_is_no_python_script_is_run_unseeded_with_a_warning(tmp_pat
     shell.write_text("#!/bin/sh\nexit 0\n")
     shell.chmod(0o755)
     assert voices.piper_python(str(shell)) is None
-    env_style = tmp_path / "piper-env"
-    env_style.write_text("#!/usr/bin/env python3\n")
-    assert voices.piper_python(str(env_style)) == shutil.which("python3")
     site, exe = _fake_piper_install(tmp_path, sys.executable)
     runner = tmp_path / "bin" / "piper-bin"  # a launcher that is not a Python console script
     runner.write_text(f"#!/bin/sh\nexec {sys.executable} {exe} \"$@\"\n")
@@ -458,6 +458,42 @@ def test_a_piper_that_is_no_python_script_is_run_unseeded_with_a_warning(tmp_pat
         out = voices.synthesize(voices.Voice("piper-x", "piper", "x", "male", "train"), [("A line.", 1.0, 1.0)],
                                 str(tmp_path))
     assert len(out) == 1 and len(out[0].wav) >= 4000
+
+
+def test_piper_python_reads_the_launchers_pip_writes(tmp_path, monkeypatch):
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    python = bin_ / "python3"
+    python.write_text("#!/bin/sh\n")
+    python.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_))
+
+    def script(name, text):
+        path = tmp_path / name
+        path.write_bytes(text.encode("utf-8"))
+        path.chmod(0o755)
+        return str(path)
+
+    launcher = "'''exec' \"{}\" \"$0\" \"$@\"\n' '''\nimport sys\n".format(python)
+    assert voices.piper_python(script("direct", f"#!{python}\r\nimport sys\r\n")) == str(python)
+    assert voices.piper_python(script("spaced", f"#! {python} -E\n")) == str(python)
+    assert voices.piper_python(script("bom", f"\ufeff#!{python}\n")) == str(python)
+    assert voices.piper_python(script("env", "#!/usr/bin/env python3\n")) == str(python)
+    assert voices.piper_python(script("env-s", "#!/usr/bin/env -S python3 -u\n")) == str(python)
+    assert voices.piper_python(script("pip-sh", "#!/bin/sh\n" + launcher)) == str(python)
+    assert voices.piper_python(script("shell", "#!/bin/sh\nexec piper \"$@\"\n")) is None
+    assert voices.piper_python(script("perl", "#!/usr/bin/perl\n")) is None
+    assert voices.piper_python(str(tmp_path / "absent")) is None
+
+
+def test_the_installed_piper_speaks_the_same_lines_the_same_way_twice(tmp_path):
+    voice = _engine("piper-joe")
+    if not voices.piper_seeded():
+        pytest.skip("the piper found here is not a Python console script")
+    lines = [("The wise old raven told the poor miller to follow the golden path.", 1.0, 1.0),
+             ("Please send the numbers before Friday.", 1.0, 1.0)]
+    first, second = (voices.synthesize(voice, lines, str(tmp_path)) for _ in range(2))
+    assert all(np.array_equal(a.wav, b.wav) for a, b in zip(first, second))
 
 
 def test_voice_selection_names_what_is_wrong():
@@ -537,14 +573,22 @@ def test_wordnet_examples_keep_distinct_clean_sentences_with_provenance(tmp_path
 
 
 @needs_sox
-def test_open_sentences_add_their_family_and_leave_the_rest_of_the_corpus_alone(tmp_path):
+@pytest.mark.parametrize("piper", [False, True])
+def test_open_sentences_add_their_family_and_leave_the_rest_of_the_corpus_alone(tmp_path, piper):
     events, root = _events(tmp_path), _wordnet(tmp_path)
-    base = _build(tmp_path / "a", events, [], sentences=16, real=False)
-    prov = _build(tmp_path / "b", events, [], sentences=16, real=False, open_sentences=8, wordnet_root=str(root))
+    voices_ = {"registry": PIPER_VOICES, "synthesizer": _piper_like_tts} if piper else {}
+    base = _build(tmp_path / "a", events, [], sentences=16, real=False, **voices_)
+    prov = _build(tmp_path / "b", events, [], sentences=16, real=False, open_sentences=8, wordnet_root=str(root),
+                  **voices_)
     assert prov["failures"] == [] and prov["text"]["shared_between_train_and_test"] == 0
     for meta in sorted((tmp_path / "a" / "audio").glob("*/*.json")):  # every other utterance as without them
         twin = tmp_path / "b" / meta.relative_to(tmp_path / "a")
         assert json.loads(meta.read_text()) == json.loads(twin.read_text())
+        assert meta.with_suffix(".flac").read_bytes() == twin.with_suffix(".flac").read_bytes()
+    if piper:  # the piper voice speaks both kinds of training utterance, in chunks of their own
+        spoken = [json.loads(m.read_text())["sample"] for m in (tmp_path / "b" / "audio" / "train").glob("*.json")]
+        assert {s["extra"]["family"] == "open" for s in spoken if s["speaker"] == "fake-piper"} == {True, False}
+        assert prov["voices"]["fake-piper"]["seeded"] == voices.piper_seeded()
     train = list(read_samples(resolve_sources(tmp_path / "b" / "train"), PipelineStats()))
     opened = [s for s in train if s.extra["family"] == "open"]
     assert len(train) == 16 + 8 and len(opened) == 8 and {s.task for s in opened} == {"asr"}

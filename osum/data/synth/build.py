@@ -39,8 +39,8 @@ from osum.data.synth import effects, opentext, text as textgen
 from osum.data.synth.align import Aligner, timing_error
 from osum.data.synth.real import MAX_SECONDS, TEST_SHARE as REAL_TEST_SHARE, VALID_SHARE as REAL_VALID_SHARE
 from osum.data.synth.real import RealUtterance, real_utterances
-from osum.data.synth.voices import (SAMPLE_RATE, VOICES, Speech, Voice, missing, read_wav, synthesize,
-                                    timing_source)
+from osum.data.synth.voices import (SAMPLE_RATE, VOICES, Speech, Voice, missing, piper_seeded, read_wav,
+                                    synthesize, timing_source)
 
 log = logging.getLogger("osum.synth")
 
@@ -402,7 +402,7 @@ def run_chunk(args: tuple[list[dict], Context]) -> list[tuple[str, dict | None, 
             if len(batch) == 1:
                 return results + [(todo[0]["key"], None, f"synthesis: {e}", 0.0)]
             speeches = None  # one bad text fails a batch: retry one at a time to find it
-        per = (time.perf_counter() - start) / len(batch)
+        per = (time.perf_counter() - start) / len(todo)  # a resumed piper chunk's whole time: spent for these
         index = {j["key"]: i for i, j in enumerate(batch)}
         for job in todo:
             i = index[job["key"]]
@@ -421,13 +421,15 @@ def run_chunk(args: tuple[list[dict], Context]) -> list[tuple[str, dict | None, 
 
 
 def _chunks(jobs: list[dict], voices: dict[str, Voice]) -> list[list[dict]]:
-    by_voice: dict[str, list[dict]] = defaultdict(list)
+    # A piper utterance's noise depends on the other lines of its chunk (voices._piper): chunks never mix splits,
+    # nor the open-domain jobs with the rest, so adding open sentences leaves every other chunk as it was.
+    groups: dict[tuple[str, str, bool], list[dict]] = defaultdict(list)
     for job in jobs:
-        by_voice[job["voice"]].append(job)
+        groups[job["voice"], job["split"], job["family"] == "open"].append(job)
     out = []
-    for vid in sorted(by_voice):
-        size = PIPER_CHUNK if voices[vid].engine == "piper" else CHUNK
-        items = by_voice[vid]
+    for key in sorted(groups):
+        size = PIPER_CHUNK if voices[key[0]].engine == "piper" else CHUNK
+        items = groups[key]
         out += [items[i: i + size] for i in range(0, len(items), size)]
     out.sort(key=lambda c: (voices[c[0]["voice"]].engine != "piper", c[0]["key"]))  # slow chunks first
     return out
@@ -679,7 +681,8 @@ def build(cfg: SynthConfig, registry: dict[str, Voice] | None = None,
         "config": {"sentences": cfg.sentences, "test_per_task": cfg.test_per_task, "valid": cfg.valid,
                    "voices": cfg.voices, "seed": cfg.seed, "jobs": cfg.jobs, "real": cfg.real,
                    "real_valid": cfg.real_valid, "open_sentences": cfg.open_sentences},
-        "voices": {vid: {"engine": v.engine, "name": v.name, "gender": v.gender, "split": v.split, "note": v.note}
+        "voices": {vid: {"engine": v.engine, "name": v.name, "gender": v.gender, "split": v.split, "note": v.note,
+                         **({"seeded": piper_seeded()} if v.engine == "piper" else {})}
                    for vid, v in sorted(voices.items())},
         "voices_unusable": unusable,
         "text": {

@@ -10,6 +10,7 @@ import glob
 import hashlib
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -220,23 +221,37 @@ def _pico(voice: Voice, text: str, rate: float, out: str) -> None:
 # Piper's VITS draws noise inside its ONNX graph (phoneme lengths and the waveform) from onnxruntime's global
 # generator, so unseeded the same line comes out at another length on every run. Run by the interpreter of
 # piper's own install, it is seeded first: the same lines in the same order give the same audio.
-_SEEDED_PIPER = ("import sys, onnxruntime; onnxruntime.set_seed(int(sys.argv.pop(1))); "
-                 "from piper.__main__ import main; sys.argv[0] = 'piper'; main()")
+_SEEDED_PIPER = ("import sys; sys.path = [p for p in sys.path if p]; import onnxruntime; "  # not '' (the cwd)
+                 "onnxruntime.set_seed(int(sys.argv.pop(1))); from piper.__main__ import main; "
+                 "sys.argv[0] = 'piper'; main()")
+_PIP_LAUNCHER = "'''exec'"  # the second line of pip's /bin/sh launcher, written where #! cannot hold the path
 
 
 def piper_python(exe: str) -> str | None:
-    """The Python interpreter that runs a piper console script (its #! line), or None if it is not one."""
+    """The Python interpreter that runs a piper console script, or None if it is not one: its #! line (directly
+    or through env, options skipped), or the `exec "python"` line of pip's /bin/sh launcher."""
     try:
         with open(exe, "rb") as f:
-            first = f.readline(1024).decode("utf-8", "replace")
+            head = f.read(4096).decode("utf-8", "replace").lstrip("\ufeff").splitlines()
     except OSError:
         return None
-    words = first[2:].split() if first.startswith("#!") else []
-    if words and os.path.basename(words[0]) == "env" and len(words) > 1:
-        words = [shutil.which(words[1]) or ""]
-    if not words or not os.path.basename(words[0]).startswith("python") or not os.access(words[0], os.X_OK):
+    words = head[0][2:].split() if head and head[0].startswith("#!") else []
+    if words and os.path.basename(words[0]) == "env":
+        words = [shutil.which(w) or "" for w in words[1:] if not w.startswith("-")][:1]
+    elif words and os.path.basename(words[0]) == "sh" and len(head) > 1 and head[1].startswith(_PIP_LAUNCHER):
+        try:
+            words = shlex.split(head[1])[1:2]
+        except ValueError:
+            return None
+    if not words or not os.path.basename(words[0]).startswith(("python", "pypy")) or not os.access(words[0], os.X_OK):
         return None
     return words[0]
+
+
+def piper_seeded() -> bool:
+    """Whether the piper found here can be seeded (a Python console script), so that its audio is reproducible."""
+    cmd = piper_command()
+    return cmd is not None and piper_python(cmd[0]) is not None
 
 
 def piper_seed(texts: list[str]) -> int:
