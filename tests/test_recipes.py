@@ -70,10 +70,12 @@ def test_osum_tiny_release_suite_agrees_with_run_sh():
         assert runs[f"synth-{family}"]["data"].endswith(f"data/osum-tiny/test_synth_{family}.jsonl")
 
 
-def test_osum_tiny_continuation_mixture_parses():
-    mixture = load_mixture(RECIPE.parent / "osum-tiny" / "mixture-continue.yaml")
+@pytest.mark.parametrize("name", ["mixture-continue", "mixture-continue-real", "mixture-continue-open"])
+def test_osum_tiny_continuation_mixtures_parse(name):
+    mixture = load_mixture(RECIPE.parent / "osum-tiny" / f"{name}.yaml")
     assert [(d.name, d.task) for d in mixture["train"]][:2] == [("synth", None), ("synth-auto", "auto")]
     assert all(d.shards.startswith(str(RECIPE.parent / "osum-tiny")) for d in mixture["train"] + mixture["valid"])
+    assert {d.name for d in mixture["train"]} == {"synth", "synth-auto", "synth-ved", "synth-srwt", "open", "real"}
 
 
 def test_ctc_vs_llm_scores_the_runs_transcripts_and_the_ctc_heads(tiny_model, tmp_path, monkeypatch, capsys):
