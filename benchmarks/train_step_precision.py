@@ -4,7 +4,8 @@
     python benchmarks/train_step_precision.py --config recipes/osum-tiny/stage2.yaml --steps 5
 
 The batch is fixed (random log-mels, one transcript-plus-tag target) so both precisions do the same work; the
-first `--warmup` steps of each are not timed (one-off kernel and allocator set-up).
+first `--warmup` steps of each are not timed (one-off kernel and allocator set-up). The last line says whether
+this CPU computes bf16 natively (AVX512-BF16 or AMX) and what `precision: auto` (the osum-tiny recipe's) picks.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import torch
 
 from osum.config import load_train_config
 from osum.model.speech_llm import SpeechLLM
+from osum.train.loop import cpu_has_native_bf16, resolve_precision
 
 
 def main() -> None:
@@ -52,7 +54,9 @@ def main() -> None:
                 times[precision].append(time.perf_counter() - start)
     fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
     print(f"{args.config}: batch {args.batch_size} x {args.seconds} s, {torch.get_num_threads()} threads")
-    print(f"fp32 {fp32:.2f} s/step · bf16 autocast {bf16:.2f} s/step · bf16 is {fp32 / bf16:.2f}x faster")
+    print(f"fp32 {fp32:.2f} s/step · bf16 autocast {bf16:.2f} s/step · bf16 speed-up over fp32 {fp32 / bf16:.2f}x")
+    print(f"native bf16 on this CPU: {cpu_has_native_bf16()} · precision auto picks "
+          f"{resolve_precision('auto', torch.device('cpu'))}")
 
 
 if __name__ == "__main__":

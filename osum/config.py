@@ -378,7 +378,9 @@ class TrainConfig:
     summary_weight: float = 0.0
     out_dir: str = "exp/run"
     max_steps: int = 1000
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (fp16 only on CUDA, with loss scaling)
+    # fp32 | bf16 | fp16 (fp16 only on CUDA, with loss scaling) | auto: bf16 where the GPU or CPU computes in it
+    # natively, else fp16 on a GPU and fp32 on a CPU (osum.train.loop.resolve_precision)
+    precision: str = "fp32"
     engine: str = "auto"  # auto (ddp under torchrun, else single) | single | ddp | fsdp2 | deepspeed
     deepspeed_stage: int = 2
     device: str = "auto"  # auto = cuda when available

@@ -46,10 +46,11 @@ def test_preset_override_swaps_the_base_model():
 def test_osum_tiny_stages_keep_the_encoder_frozen_and_use_ctc():
     tiny = RECIPE.parent / "osum-tiny"
     stages = [load_train_config(tiny / f"stage{i}.yaml") for i in (0, 1, 2, 3)]
-    # the release then stores only adaptor + LoRA + speech embeddings (< 60 MB); bf16 autocast on CPU and GPU
+    # the release then stores only adaptor + LoRA + speech embeddings (< 60 MB); bf16 autocast where the device
+    # computes it natively, fp32 on other CPUs
     assert [(s.model.encoder.trainable, s.model.lora.enabled) for s in stages] == [
         (False, False), (False, False), (False, True), (False, True)]
-    assert all(s.precision == "bf16" for s in stages)
+    assert all(s.precision == "auto" for s in stages)
     # stage 0 is the CTC-only warm-up; the CTC loss stays on once the LLM's loss joins
     assert (stages[0].lm_weight, stages[0].ctc_weight > 0) == (0.0, True)
     assert all(s.lm_weight == 1.0 and s.ctc_weight > 0 for s in stages[1:])

@@ -14,7 +14,8 @@ from osum.data.pipeline import AudioLayout
 from osum.evaluate import metrics, normalize
 from osum.model import checkpoint
 from osum.train import state
-from osum.train.loop import Trainer, lr_factor
+from osum.train import loop
+from osum.train.loop import Trainer, lr_factor, resolve_precision
 from tests.conftest import tiny_config
 
 TARGETS = [
@@ -263,6 +264,55 @@ def test_bf16_autocast_trains(tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in bf16)
     assert bf16[-1]["loss"] < bf16[0]["loss"]
     assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=0.02)  # same model, bf16 rounding only
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_follows_the_hardware(monkeypatch, native):
+    """auto: bf16 only where it is computed natively; a CPU without it stays in fp32 (emulated bf16 matmuls are
+    several times slower there), an older GPU gets fp16."""
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: native)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("auto", cuda) == ("bf16" if native else "fp16")
+    assert [resolve_precision(p, cpu) for p in ("fp32", "bf16")] == ["fp32", "bf16"]  # an explicit choice is kept
+    assert resolve_precision("fp16", cuda) == "fp16"
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        resolve_precision("fp16", cpu)
+    with pytest.raises(ValueError, match="'half' is not one of auto, fp32, bf16, fp16"):
+        resolve_precision("half", cpu)
+
+
+def test_explicit_bf16_on_a_cpu_without_it_warns(monkeypatch, caplog):
+    for native, warned in ((True, False), (False, True)):
+        monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="osum.train.loop"):
+            resolve_precision("bf16", torch.device("cpu"))
+            resolve_precision("auto", torch.device("cpu"))
+        assert any("precision=auto picks fp32" in r.message for r in caplog.records) == warned
+
+
+def test_cpu_bf16_probe_reads_torch_and_defaults_to_no(monkeypatch):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    assert loop.cpu_has_native_bf16() is False
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert loop.cpu_has_native_bf16() is True
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, name)
+    assert loop.cpu_has_native_bf16() is False  # a torch without the private probes: fp32, the safe choice
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_trains_as_the_precision_it_picks(tmp_path, monkeypatch, native):
+    monkeypatch.setattr(loop, "cpu_has_native_bf16", lambda: native)
+    picked = "bf16" if native else "fp32"
+    auto = Trainer(train_config(tmp_path / "a", max_steps=3, save_every=0, precision="auto"), fake_loader()).train()
+    same = Trainer(train_config(tmp_path / "b", max_steps=3, save_every=0, precision=picked), fake_loader()).train()
+    assert [r["loss"] for r in auto] == [r["loss"] for r in same]
+    events = [json.loads(line) for line in open(tmp_path / "a" / "run" / "metrics.jsonl")]
+    assert {"requested": "auto", "used": picked} == {k: events[0][k] for k in ("requested", "used")}
 
 
 def test_exact_resume_on_the_real_pipeline_with_augmentation(tmp_path):

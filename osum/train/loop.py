@@ -63,6 +63,35 @@ def param_groups(model: SpeechLLM, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX). Without it, bf16 autocast on CPU
+    converts to fp32 and back around every matmul: 5x slower matmuls than fp32 on a 2-core Xeon with AVX512 but
+    no AVX512-BF16, where an EPYC with it ran a training step 2.1x faster in bf16 (README, Measured). Read through
+    torch's private probes, so a torch without them counts as "no" and training stays in fp32."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The autocast precision a run uses. "auto": bf16 on a GPU or CPU that computes in it natively, fp16 on an
+    older GPU (with loss scaling), fp32 on any other CPU. An explicit choice is kept, with a warning where it is
+    the slow one."""
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision {precision!r} is not one of auto, fp32, bf16, fp16")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; use auto, bf16 or fp32 on CPU")
+    if device.type == "cpu" and precision == "bf16" and not cpu_has_native_bf16():
+        log.warning("precision bf16 on a CPU without AVX512-BF16 or AMX: autocast emulates bf16 matmuls, several "
+                    "times slower than fp32 (benchmarks/train_step_precision.py); precision=auto picks fp32 here")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    return "fp32"
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, build_loader: LoaderFn | None = None):
         if build_loader is None:
@@ -74,10 +103,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
-        if cfg.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"precision {cfg.precision!r} is not one of fp32, bf16, fp16")
-        if cfg.precision == "fp16" and self.info.device.type != "cuda":
-            raise ValueError("precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+        self.precision = resolve_precision(cfg.precision, self.info.device)
 
         model = SpeechLLM(cfg.model)
         if cfg.init_from:
@@ -91,12 +117,12 @@ class Trainer:
 
         if self.info.engine == "fsdp2":
             # fully_shard swaps in sharded parameters: the optimizer must be built on those.
-            mp = torch.bfloat16 if cfg.precision == "bf16" else None
+            mp = torch.bfloat16 if self.precision == "bf16" else None
             distributed.wrap_fsdp2(self.model, mp)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(o, cfg.max_steps))
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.engine = self._wrap()
         if self.resume_dir is not None:
             self._resume()
@@ -114,7 +140,7 @@ class Trainer:
 
             c = self.cfg
             ds_cfg = distributed.deepspeed_config(c.deepspeed_stage, c.optim.lr, c.optim.grad_clip, c.optim.accum_steps,
-                                                  1, c.precision)
+                                                  1, self.precision)
             ds_cfg["zero_allow_untested_optimizer"] = True
             engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=self.model, optimizer=self.optimizer, lr_scheduler=self.scheduler, config=ds_cfg
@@ -222,9 +248,9 @@ class Trainer:
         return distributed.all_reduce_sum([float(has)], self.info)[0] == self.info.world_size
 
     def _autocast(self):
-        if self.cfg.precision == "fp32" or self.info.engine == "deepspeed":
+        if self.precision == "fp32" or self.info.engine == "deepspeed":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
         return torch.autocast(self.info.device.type, dtype=dtype)
 
     def _forward(self, batch: dict, ctc: bool = False, lm: bool = True) -> ForwardOutput:
@@ -241,6 +267,7 @@ class Trainer:
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save(cfg, self.out / "train_config.yaml")
+            self._log({"event": "precision", "requested": cfg.precision, "used": self.precision})
             if self.resume_dir is not None:
                 self._log({"event": "resume", "step": self.step, "from": str(self.resume_dir)})
         records: list[dict] = []

@@ -15,7 +15,7 @@
 # stage 6 exports, default 3; 2 to release before stage 3), BEAMS (the exported model's default beam count, default 4;
 # 1 for greedy), LOCATOR_CROP (frames each side of the event locator's peak the event head reads, default 40);
 # extra arguments are dotted overrides for the three
-# training stages (e.g. `precision=bf16 data.num_workers=2`).
+# training stages (e.g. `precision=fp32 data.num_workers=2`).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 here=recipes/osum-tiny
