@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -21,38 +22,55 @@ from osum.model.speech_llm import SpeechLLM
 from osum.train.loop import cpu_has_native_bf16, resolve_precision
 
 
+def model_and_batch(config: str, batch_size: int, seconds: float, overrides: list[str] | None = None
+                    ) -> tuple[SpeechLLM, tuple]:
+    """A stage config's model (with dotted `overrides`) in training mode (seed 0) and a fixed batch: random
+    log-mels of `seconds` each, one prompt and one transcript-plus-tag target for every item."""
+    torch.manual_seed(0)
+    cfg = load_train_config(config, overrides or [])
+    model = SpeechLLM(cfg.model).train()
+    frames = int(seconds * 100)
+    features = torch.randn(batch_size, frames, cfg.model.audio.n_mels)
+    lens = torch.full((batch_size,), frames)
+    prompts = ["Transcribe the speech and tell me the speaker's gender."] * batch_size
+    targets = ["the quick brown fox jumps over the lazy dog and runs far away<female>"] * batch_size
+    return model, (features, lens, prompts, targets)
+
+
+def median_step_time(model: SpeechLLM, batch: tuple, steps: int, warmup: int,
+                     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
+    """Median seconds of a training step (forward inside `context()`, backward) over `steps` timed steps, after
+    `warmup` untimed ones."""
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        with context():
+            loss = model(*batch).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def add_step_arguments(parser: argparse.ArgumentParser, batch_size: int, steps: int, warmup: int) -> None:
+    """--config, --batch-size, --seconds, --steps and --warmup of a timed training step, with these defaults."""
+    parser.add_argument("--config", default="recipes/osum-tiny/stage1.yaml", help="training stage config")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--seconds", type=float, default=3.5, help="audio per utterance")
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=warmup, help="untimed steps first")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="recipes/osum-tiny/stage1.yaml", help="training stage config")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=3.5, help="audio per utterance")
-    parser.add_argument("--steps", type=int, default=4, help="timed steps per precision")
-    parser.add_argument("--warmup", type=int, default=2)
+    add_step_arguments(parser, batch_size=16, steps=4, warmup=2)
     args = parser.parse_args()
 
-    torch.manual_seed(0)
-    cfg = load_train_config(args.config, [])
-    model = SpeechLLM(cfg.model).train()
-    frames = int(args.seconds * 100)
-    features = torch.randn(args.batch_size, frames, cfg.model.audio.n_mels)
-    lens = torch.full((args.batch_size,), frames)
-    prompts = ["Transcribe the speech and tell me the speaker's gender."] * args.batch_size
-    targets = ["the quick brown fox jumps over the lazy dog and runs far away<female>"] * args.batch_size
-
-    times: dict[str, list[float]] = {}
-    for precision in ("fp32", "bf16"):
-        times[precision] = []
-        for step in range(args.warmup + args.steps):
-            ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
-                   else contextlib.nullcontext())
-            start = time.perf_counter()
-            with ctx:
-                loss = model(features, lens, prompts, targets).loss
-            loss.backward()
-            model.zero_grad(set_to_none=True)
-            if step >= args.warmup:
-                times[precision].append(time.perf_counter() - start)
-    fp32, bf16 = statistics.median(times["fp32"]), statistics.median(times["bf16"])
+    model, batch = model_and_batch(args.config, args.batch_size, args.seconds)
+    fp32 = median_step_time(model, batch, args.steps, args.warmup)
+    bf16 = median_step_time(model, batch, args.steps, args.warmup,
+                            lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     print(f"{args.config}: batch {args.batch_size} x {args.seconds} s, {torch.get_num_threads()} threads")
     print(f"fp32 {fp32:.2f} s/step · bf16 autocast {bf16:.2f} s/step · bf16 speed-up over fp32 {fp32 / bf16:.2f}x")
     print(f"native bf16 on this CPU: {cpu_has_native_bf16()} · precision auto picks "

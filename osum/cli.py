@@ -220,6 +220,17 @@ def _weights(text: str) -> tuple[float, ...]:
     return weights
 
 
+def _threads(text: str) -> int:
+    """--threads: a whole number of CPU threads, at least 1."""
+    try:
+        threads = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of threads, got {text!r}")
+    if threads < 1:
+        raise argparse.ArgumentTypeError(f"needs at least 1 thread, got {threads}")
+    return threads
+
+
 def _left_out(skipped: dict[str, int]) -> str:
     """' (3 rows left out: why; ...)' for a fit's message, or '' when none was."""
     reasons = "; ".join(f"{count} rows left out: {why}" for why, count in skipped.items())
@@ -441,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="osum", description="Speech understanding LLMs.")
     parser.add_argument("--version", action="version", version=f"osum {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    # Two jobs that each use every core (torch's default) slow each other far more than twofold: give each a share.
+    parser.add_argument("--threads", type=_threads, default=None, metavar="N",
+                        help="CPU threads for torch's math (default: torch's own, one per core)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("infer", help="understand audio files; one JSON line per input")
@@ -629,6 +643,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, KeyError) as exc:

@@ -113,3 +113,17 @@ def test_export_sets_decoding_defaults(tmp_path, tiny_model, capsys):
     assert json.loads((source / "config.json").read_text())["model"]["generation"]["repetition_penalty"] == 1.0
     assert main(["export", str(source), "--keep-lora", "--out", str(tmp_path / "bad"), "--generation", "nope=1"]) != 0
     assert "generation.nope" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_threads_sets_torch_threads_and_rejects_bad_counts(monkeypatch, capsys):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert main(["--threads", "1", "models"]) == 0
+    assert main(["models"]) == 0
+    assert calls == [1]
+    for bad, why in (("0", "at least 1 thread"), ("two", "whole number")):
+        with pytest.raises(SystemExit):
+            main(["--threads", bad, "models"])
+        assert why in capsys.readouterr().err
