@@ -103,6 +103,9 @@ def test_summary_tags_take_their_labels_from_the_voice_summary(tmp_path):
     for clip in clips:
         mel = log_mel_spectrogram(load_audio(clip)).T[None]
         alone.append(model.summary_labels(mel, torch.tensor([mel.shape[1]]), ["gender", "age"]))
+        probs = model.summary_probs(mel, torch.tensor([mel.shape[1]]), "gender")  # what those labels are read off
+        assert probs.sum().item() == pytest.approx(1.0)
+        assert tasks.LABELS["gender"][int(probs.argmax())] == alone[-1][0]["gender"]
     assert len({row[0]["gender"] for row in alone} | {row[0]["age"] for row in alone}) > 2  # not one constant
     tagged = dataclasses.replace(model.config.generation, summary_tags=["gender", "age"])
     results = Engine(model, max_batch_size=4, generation=tagged).run(clips, task="asr+sgc")

@@ -410,6 +410,16 @@ class SpeechLLM(nn.Module):
         return out
 
     @torch.no_grad()
+    def summary_probs(self, features: torch.Tensor, feature_lens: torch.Tensor, field: str) -> torch.Tensor:
+        """(B, C) the voice summary position's probabilities over the field's labels (tasks.LABELS order), from
+        the encoder alone: the scores `summary_labels` reads where the field has no fitted head."""
+        if self.summary is None:
+            raise ValueError("this model has no voice summary (model.adaptor.summary_layers)")
+        _, lens, hidden = self.encoder.forward_layers(features, feature_lens, self.summary.layers)
+        summary, _, _ = self._summarise(hidden, lens)
+        return self._summary_logits(summary, field).float().softmax(-1)
+
+    @torch.no_grad()
     def summary_stats(self, features: torch.Tensor, feature_lens: torch.Tensor, located: bool = False
                       ) -> torch.Tensor:
         """(B, stats_dim) the voice summary's pooled statistics of each item (VoiceSummary.pool), from the
