@@ -18,7 +18,8 @@ import subprocess
 import sys
 
 import torch
-from train_step_precision import add_step_arguments, median_step_time, model_and_batch  # a sibling script: this folder is on the path
+# a sibling script (a script's own folder is on the import path)
+from train_step_precision import add_step_arguments, median_step_time, model_and_batch
 
 
 def worker(args: argparse.Namespace) -> None:

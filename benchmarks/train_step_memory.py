@@ -15,7 +15,8 @@ import resource
 import subprocess
 import sys
 
-from train_step_precision import add_step_arguments, median_step_time, model_and_batch  # a sibling script: this folder is on the path
+# a sibling script (a script's own folder is on the import path)
+from train_step_precision import add_step_arguments, median_step_time, model_and_batch
 
 SETTINGS = {"off": [], "on": ["model.llm.gradient_checkpointing=true"]}
 
@@ -27,8 +28,7 @@ def rss_gb() -> float:
 
 def worker(args: argparse.Namespace) -> None:
     """One setting: model memory, peak memory and median step time, as JSON."""
-    model, batch = model_and_batch(args.config, args.batch_size, args.seconds,
-                                                                SETTINGS[args.worker] + args.overrides)
+    model, batch = model_and_batch(args.config, args.batch_size, args.seconds, SETTINGS[args.worker] + args.overrides)
     loaded = rss_gb()
     seconds = median_step_time(model, batch, args.steps, args.warmup)
     print(json.dumps({"loaded_gb": loaded, "peak_gb": rss_gb(), "s_per_step": seconds}))
