@@ -107,6 +107,11 @@ def test_summary_tags_take_their_labels_from_the_voice_summary(tmp_path):
         assert probs.sum().item() == pytest.approx(1.0)
         assert tasks.LABELS["gender"][int(probs.argmax())] == alone[-1][0]["gender"]
     assert len({row[0]["gender"] for row in alone} | {row[0]["age"] for row in alone}) > 2  # not one constant
+    mels = [log_mel_spectrogram(load_audio(clip)).T for clip in clips]
+    padded = torch.nn.utils.rnn.pad_sequence(mels, batch_first=True)
+    lens = torch.tensor([m.shape[0] for m in mels])
+    singles = torch.cat([model.summary_probs(m[None], lens[i:i + 1], "gender") for i, m in enumerate(mels)])
+    torch.testing.assert_close(model.summary_probs(padded, lens, "gender"), singles, atol=1e-5, rtol=1e-4)
     tagged = dataclasses.replace(model.config.generation, summary_tags=["gender", "age"])
     results = Engine(model, max_batch_size=4, generation=tagged).run(clips, task="asr+sgc")
     plain = Engine(model, max_batch_size=4).run(clips, task="asr+sgc")

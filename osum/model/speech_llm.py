@@ -416,7 +416,8 @@ class SpeechLLM(nn.Module):
         if self.summary is None:
             raise ValueError("this model has no voice summary (model.adaptor.summary_layers)")
         _, lens, hidden = self.encoder.forward_layers(features, feature_lens, self.summary.layers)
-        summary, _, _ = self._summarise(hidden, lens)
+        # the pooled statistics alone: `_summarise` would also run the event locator's crop, unused here
+        summary = self.summary.project(self.summary.pool(hidden, lens))
         return self._summary_logits(summary, field).float().softmax(-1)
 
     @torch.no_grad()
